@@ -1,0 +1,34 @@
+# Every target creates the virtual environment it needs; `make demo` and `make test` are the
+# only two commands a newcomer runs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test lint format faults bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/royalti-proxy demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check proxy tests
+	$(PY) -m ruff format --check proxy tests
+	$(PY) -m mypy proxy
+
+format: $(STAMP)
+	$(PY) -m ruff format proxy tests
+	$(PY) -m ruff check --fix proxy tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

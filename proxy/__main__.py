@@ -1,0 +1,109 @@
+"""Command line: ``royalti-proxy [run|check-config|demo] [--config PATH] ...``.
+
+The environment is read here and nowhere else; everything below takes it as an argument.
+Exit codes: 0 clean exit, 1 runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from proxy import __version__, logs
+from proxy.config import load
+from proxy.errors import ConfigError
+
+log = logging.getLogger("proxy")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="royalti-proxy",
+        description="Authenticating reverse-proxy sidecar for the Royalti.io API.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", "-c", help="YAML configuration file (default: $ROYALTI_PROXY_CONFIG)"
+    )
+    common.add_argument("--log-format", choices=("json", "text"), help="overrides log_format")
+    common.add_argument("--log-level", help="overrides log_level (debug, info, warning, error)")
+    sub.add_parser("run", parents=[common], help="run the proxy (the default)")
+    sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run the proxy in front of an embedded fake Royalti API"
+    )
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="proxy listen address")
+    demo.add_argument("--admin-listen", default="127.0.0.1:9090", help="admin listen address")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (
+        args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version")
+    ):
+        args_list.insert(0, "run")
+    args = parser().parse_args(args_list)
+    command = args.command or "run"
+
+    if command == "demo":
+        from proxy.demo import running
+
+        logs.setup(args.log_format or "text", (args.log_level or "INFO").upper())
+        return asyncio.run(serve(running(args.listen, args.admin_listen)))
+
+    try:
+        config = load(args.config, env)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"royalti-proxy: {line}", file=sys.stderr)
+        return 2
+    if command == "check-config":
+        names = ", ".join(f"{u.name} ({u.auth_type}, {u.path_prefix})" for u in config.upstreams)
+        print(f"configuration OK ({config.source}): upstreams {names}")
+        return 0
+    logs.setup(args.log_format or config.log_format, (args.log_level or config.log_level).upper())
+    from proxy.app import Proxy
+
+    return asyncio.run(serve(Proxy(config)))
+
+
+async def serve(running: contextlib.AbstractAsyncContextManager[Any]) -> int:
+    """Run until SIGTERM or SIGINT; a second signal exits at once."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now", extra={"event": "forced_exit"})
+            os._exit(1)
+        log.info("shutting down", extra={"event": "shutdown", "signal": signame})
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        async with running:
+            await stop.wait()
+    except OSError as exc:
+        log.error("cannot start", extra={"event": "start_failed", "error": str(exc)})
+        return 1
+    log.info("stopped", extra={"event": "stopped"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The proxy handler: route, pick the workspace, inject the credential, stream, replay once.
+
+Everything a request needs that does not depend on the request is resolved into a
+:class:`Route` when the proxy starts; the per-request path only looks things up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.errors import (
+    ERROR_HEADER,
+    BadTarget,
+    NoRoute,
+    ProxyError,
+    TokenUnavailable,
+    UpstreamTimeout,
+    UpstreamTLSError,
+    UpstreamUnavailable,
+    WorkspaceNotAllowed,
+    WorkspaceRequired,
+)
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.source import SINGLE_KEY
+from proxy.tokens.token import Token
+
+log = logging.getLogger("proxy.forward")
+access_log = logging.getLogger("proxy.access")
+
+#: RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the proxy sets itself. Lower case.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Request headers never forwarded as the client sent them.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+}
+#: Headers aiohttp's client would otherwise add on its own: the upstream must see the client's.
+_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+_STREAM_CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class Route:
+    """One upstream, resolved once at start-up."""
+
+    name: str
+    prefix: str
+    """The path prefix without its trailing slash; ``""`` for ``/``."""
+    base_url: str
+    """The upstream URL, with its base path, without a trailing slash."""
+    session: aiohttp.ClientSession
+    timeout: aiohttp.ClientTimeout
+    manager: TokenManager | None = None
+    per_workspace: bool = False
+    default_workspace: str | None = None
+    allowed_workspaces: frozenset[str] = frozenset()
+    workspace_header: str | None = None
+    inject_header: str = "Authorization"
+    inject_format: str = "Bearer {token}"
+    replay_on: frozenset[int] = frozenset({401})
+    replay_max_body: int = 1024 * 1024
+    drop: frozenset[str] = field(default=frozenset())
+    """Request headers (lower case) removed before forwarding: hop-by-hop, the workspace header,
+    the header the credential is injected into."""
+    # Counters read by the metrics collector.
+    replays: int = 0
+    _pre: str = field(default="", init=False, repr=False)
+    _post: str = field(default="", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        drop = set(_REQUEST_DROP) | {self.inject_header.lower()}
+        if self.workspace_header:
+            drop.add(self.workspace_header.lower())
+        self.drop = frozenset(drop)
+        self._pre, _, self._post = self.inject_format.partition("{token}")
+
+    def credential(self, token: Token) -> str:
+        return f"{self._pre}{token.value}{self._post}"
+
+    def workspace(self, request: web.BaseRequest) -> str:
+        if not self.per_workspace:
+            return SINGLE_KEY
+        assert self.workspace_header is not None
+        ws = request.headers.get(self.workspace_header) or self.default_workspace
+        if not ws:
+            raise WorkspaceRequired(
+                f"no workspace: send the {self.workspace_header} header "
+                "or configure default_workspace"
+            )
+        if self.allowed_workspaces and ws not in self.allowed_workspaces:
+            raise WorkspaceNotAllowed("workspace is not in this proxy's allowed_workspaces")
+        return ws
+
+
+class Router:
+    """Longest path prefix wins."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+
+    def match(self, path: str) -> tuple[Route, str]:
+        """The route for a raw request target and the target with the prefix stripped."""
+        for route in self.routes:
+            p = route.prefix
+            if not p:
+                return route, path
+            if path.startswith(p):
+                rest = path[len(p) :]
+                if not rest:
+                    return route, "/"
+                if rest[0] == "/":
+                    return route, rest
+                if rest[0] == "?":
+                    return route, "/" + rest
+        raise NoRoute("no upstream is configured for this path")
+
+
+def error_response(exc: ProxyError) -> web.Response:
+    headers = {ERROR_HEADER: exc.code, "Content-Type": "application/json"}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return web.Response(status=exc.status, body=exc.body(), headers=headers)
+
+
+class _Body:
+    """The request body: sent as it arrives, and kept (up to a limit) so it can be replayed."""
+
+    __slots__ = ("_chunks", "_limit", "_request", "_size", "overflowed", "started")
+
+    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+        self._request = request
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.overflowed = False
+        self.started = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        self.started = True
+        async for chunk in self._request.content.iter_chunked(_STREAM_CHUNK):
+            if not self.overflowed:
+                self._size += len(chunk)
+                if self._size <= self._limit:
+                    self._chunks.append(chunk)
+                else:
+                    self.overflowed = True
+                    self._chunks = []
+            yield chunk
+
+    def replayable(self) -> bytes | None:
+        if self.overflowed:
+            return None
+        return b"".join(self._chunks)
+
+
+class Forwarder:
+    """The request handler of the proxy listener."""
+
+    def __init__(self, router: Router, *, access_log_enabled: bool = False) -> None:
+        self.router = router
+        self.access_log = access_log_enabled
+        self.in_flight = 0
+        self.errors: dict[str, int] = {}
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            return await self._handle(request)
+        except ProxyError as exc:
+            self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
+            return error_response(exc)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        target = request.raw_path
+        # Origin-form only (RFC 9112 §3.2.1): an absolute-form or authority-form target naming
+        # another host must never make us connect anywhere but the configured upstream.
+        if not target.startswith("/") or request.method == "CONNECT":
+            raise BadTarget("only origin-form request targets are accepted")
+        route, rest = self.router.match(target)
+        key = route.workspace(request)
+        headers = self._forward_headers(request, route)
+        url = URL(route.base_url + rest, encoded=True)
+
+        body: bytes | _Body | None
+        if not request.body_exists:
+            body = None
+        elif request.content_length is not None and request.content_length <= route.replay_max_body:
+            body = await request.read()
+        else:
+            body = _Body(request, route.replay_max_body if request.content_length is None else -1)
+
+        manager = route.manager
+        token = await manager.get(key) if manager is not None else None
+        resp = await self._send(route, request.method, url, headers, body, token)
+        try:
+            if token is not None and resp.status in route.replay_on:
+                assert manager is not None
+                resp = await self._replay(
+                    route, manager, key, token, request.method, url, headers, body, resp
+                )
+            return await self._relay(request, resp)
+        finally:
+            resp.release()
+
+    async def _replay(
+        self,
+        route: Route,
+        manager: TokenManager,
+        key: str,
+        token: Token,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes | _Body | None,
+        resp: aiohttp.ClientResponse,
+    ) -> aiohttp.ClientResponse:
+        """The upstream rejected ``token``: drop it if it is still the cached one, and send the
+        request once more with a fresh token when the body can be sent again."""
+        manager.invalidate(key, token)
+        if isinstance(body, _Body):
+            replay_body = body.replayable()
+            if replay_body is None:
+                return resp
+        else:
+            replay_body = body
+        try:
+            fresh = await manager.get(key)
+        except TokenUnavailable:
+            return resp  # nothing better to offer than the upstream's own answer
+        if fresh.value == token.value:
+            return resp
+        resp.release()
+        route.replays += 1
+        log.info(
+            "token rejected by upstream; request replayed with a fresh token",
+            extra={
+                "event": "request_replayed",
+                "upstream": route.name,
+                "workspace": key,
+                "status": resp.status,
+                "fingerprint": fresh.fingerprint,
+            },
+        )
+        return await self._send(route, method, url, headers, replay_body, fresh)
+
+    @staticmethod
+    def _forward_headers(request: web.BaseRequest, route: Route) -> CIMultiDict[str]:
+        drop = route.drop
+        conn = request.headers.get("Connection")
+        if conn:
+            drop = drop | {t.strip().lower() for t in conn.split(",")}
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            if name.lower() not in drop:
+                out.add(name, value)
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        out["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            out["X-Forwarded-Host"] = request.host
+        return out
+
+    async def _send(
+        self,
+        route: Route,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes | _Body | None,
+        token: Token | None,
+    ) -> aiohttp.ClientResponse:
+        """The one boundary where aiohttp's client errors become the proxy's own."""
+        if token is not None:
+            headers[route.inject_header] = route.credential(token)
+        data = body.stream() if isinstance(body, _Body) else body
+        try:
+            return await route.session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=route.timeout,
+                skip_auto_headers=_SKIP_AUTO,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"upstream {route.name} did not answer in time") from exc
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+            raise UpstreamTLSError(f"TLS to upstream {route.name} failed to verify") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {route.name} unreachable ({type(exc).__name__})"
+            ) from exc
+
+    @staticmethod
+    async def _relay(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+        out = web.StreamResponse(status=resp.status, reason=resp.reason)
+        drop = HOP_BY_HOP
+        conn = resp.headers.get("Connection")
+        if conn:
+            drop = drop | {t.strip().lower() for t in conn.split(",")}
+        for name, value in resp.headers.items():
+            if name.lower() not in drop:
+                out.headers.add(name, value)
+        await out.prepare(request)
+        try:
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # Never let a truncated body look complete: abort the client's connection instead of
+            # ending the response normally.
+            log.warning(
+                "upstream response broke off; aborting the client connection",
+                extra={"event": "upstream_aborted", "error": type(exc).__name__},
+            )
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError from exc
+        await out.write_eof()
+        return out

@@ -1,0 +1,390 @@
+"""The per-key token cache: single-flight fetches, refresh ahead, backoff, serve-until-expiry.
+
+One :class:`TokenManager` serves one upstream. Keys are Royalti workspace ids, or
+:data:`~proxy.tokens.source.SINGLE_KEY` for sources with one credential. Per key:
+
+* **Single-flight**: at most one fetch runs; every request that needs the token awaits that one
+  fetch (shielded, so a client that disconnects does not cancel it for the others).
+* **Refresh ahead**: a background task per key wakes at :meth:`Token.refresh_at` and renews the
+  token while it is still valid, so in steady state no request waits.
+* **Failures**: exponential backoff with jitter between ``min_backoff`` and ``max_backoff``,
+  never shorter than the server's ``Retry-After``; a rejected credential waits ``max_backoff``.
+  The current token keeps being served until it really expires; after that, requests get
+  :class:`~proxy.errors.TokenUnavailable` at once, without calling anything, until the next
+  attempt is due.
+* **Idle keys** (not used for ``idle_timeout``) are not renewed and drop out; pinned keys (the
+  default workspaces, which readiness depends on) never do. The cache is an LRU bounded by
+  ``max_entries``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cachetools import LRUCache
+
+from proxy.clock import Clock
+from proxy.errors import CredentialRejected, TokenFetchError, TokenUnavailable
+from proxy.tokens.source import TokenSource
+from proxy.tokens.token import Token
+
+log = logging.getLogger("proxy.tokens")
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    idle_timeout: float = 3600.0
+    max_entries: int = 1000
+    min_backoff: float = 1.0
+    max_backoff: float = 300.0
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    key: str
+    last_used: float
+    pinned: bool = False
+    token: Token | None = None
+    fetched_wall: float | None = None
+    inflight: asyncio.Task[Token] | None = None
+    loop: asyncio.Task[None] | None = None
+    next_refresh: float | None = None
+    failures: int = 0
+    last_error: str | None = None
+    next_attempt: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenState:
+    """One key's state, for the token-status endpoint, readiness and metrics. No secret in it."""
+
+    key: str
+    state: str  # valid | renewing | failing | expired | empty
+    fingerprint: str | None
+    expires_in: float | None
+    wall_expires_at: float | None
+    fetched_wall: float | None
+    next_refresh_in: float | None
+    consecutive_failures: int
+    last_error: str | None
+    pinned: bool
+
+
+class _Entries(LRUCache[str, _Entry]):
+    """An LRU whose evictions stop the evicted key's background work."""
+
+    def __init__(self, maxsize: int, manager: TokenManager) -> None:
+        super().__init__(maxsize)
+        self._manager = manager
+
+    def popitem(self) -> tuple[str, _Entry]:
+        key, entry = super().popitem()
+        self._manager._retire(entry, reason="lru")
+        return key, entry
+
+
+class TokenManager:
+    """Caches and renews the tokens of one upstream."""
+
+    def __init__(
+        self,
+        *,
+        upstream: str,
+        source: TokenSource,
+        clock: Clock,
+        settings: ManagerSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.source = source
+        self._clock = clock
+        self._settings = settings or ManagerSettings()
+        self._rng = rng or random.Random()
+        self._entries = _Entries(self._settings.max_entries, self)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        # Plain counters, read by the metrics collector at scrape time: nothing on the hot path
+        # touches a metric object.
+        self.hits = 0
+        self.misses = 0
+        self.waits = 0
+        self.fetches: Counter[str] = Counter()  # by outcome: success | error code
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Token:
+        """The token for ``key``, fetching it (once, however many ask) when there is none."""
+        entry = self._entries.get(key)
+        now = self._clock.monotonic()
+        if entry is not None:
+            entry.last_used = now
+            token = entry.token
+            if token is not None and now < token.expires_at:
+                self.hits += 1
+                return token
+        return await self._get_slow(key, entry, now)
+
+    def peek(self, key: str) -> Token | None:
+        """The cached token for ``key`` if it is still valid, without fetching."""
+        entry = self._entries.get(key)
+        if entry is None or entry.token is None:
+            return None
+        return entry.token if entry.token.is_valid(self._clock.monotonic()) else None
+
+    async def _get_slow(self, key: str, entry: _Entry | None, now: float) -> Token:
+        self.misses += 1
+        if entry is None:
+            entry = self._new_entry(key, now)
+        if entry.inflight is None:
+            if now < entry.next_attempt:
+                raise self._unavailable(entry, now)
+            self._start_fetch(entry)
+        assert entry.inflight is not None
+        self.waits += 1
+        try:
+            return await asyncio.shield(entry.inflight)
+        except TokenFetchError:
+            raise self._unavailable(entry, self._clock.monotonic()) from None
+
+    def _unavailable(self, entry: _Entry, now: float) -> TokenUnavailable:
+        wait = max(1.0, entry.next_attempt - now)
+        return TokenUnavailable(
+            "no valid token could be obtained from the token endpoint",
+            retry_after=math.ceil(wait),
+            details=[f"last error: {entry.last_error}"] if entry.last_error else [],
+        )
+
+    # -- invalidation -------------------------------------------------------------------------
+
+    def invalidate(self, key: str, token: Token) -> bool:
+        """Drop ``token`` if it is still the cached one for ``key`` (compare-and-invalidate).
+
+        Returns True when it was dropped. A burst of rejections of the same token drops it once,
+        so it causes one renewal, not one per rejected request.
+        """
+        entry = self._entries.get(key)
+        if entry is None or entry.token is None or entry.token.value != token.value:
+            return False
+        entry.token = None
+        log.info(
+            "token rejected by upstream; dropped",
+            extra={
+                "event": "token_invalidated",
+                "upstream": self.upstream,
+                "workspace": key,
+                "fingerprint": token.fingerprint,
+            },
+        )
+        return True
+
+    # -- fetching -----------------------------------------------------------------------------
+
+    def _new_entry(self, key: str, now: float) -> _Entry:
+        entry = _Entry(key=key, last_used=now)
+        self._entries[key] = entry
+        entry.loop = self._spawn(self._renew_loop(entry))
+        return entry
+
+    def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_fetch(self, entry: _Entry) -> asyncio.Task[Token]:
+        task: asyncio.Task[Token] = self._spawn(self._fetch(entry))
+        entry.inflight = task
+        # Waiters may all have gone (client disconnects): never leave an exception unretrieved.
+        task.add_done_callback(_consume)
+        return task
+
+    async def _fetch(self, entry: _Entry) -> Token:
+        previous = entry.token
+        try:
+            token = await self.source.fetch(entry.key)
+        except TokenFetchError as exc:
+            self._failed(entry, exc)
+            raise
+        finally:
+            entry.inflight = None
+        now = self._clock.monotonic()
+        entry.token = token
+        entry.fetched_wall = self._clock.wall()
+        entry.failures = 0
+        entry.last_error = None
+        entry.next_attempt = 0.0
+        entry.next_refresh = token.refresh_at(self._rng)
+        self.fetches["success"] += 1
+        log.info(
+            "token renewed" if previous is not None else "token fetched",
+            extra={
+                "event": "token_renewed" if previous is not None else "token_fetched",
+                "upstream": self.upstream,
+                "workspace": entry.key,
+                "fingerprint": token.fingerprint,
+                "expires_in": round(token.remaining(now), 1),
+                "expires_at": round(token.wall_expires_at, 3),
+            },
+        )
+        entry.wake.set()
+        return token
+
+    def _failed(self, entry: _Entry, exc: TokenFetchError) -> None:
+        now = self._clock.monotonic()
+        entry.failures += 1
+        entry.last_error = exc.code
+        self.fetches[exc.code] += 1
+        if isinstance(exc, CredentialRejected):
+            delay = self._settings.max_backoff
+        else:
+            delay = self._backoff(entry.failures)
+        if exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        entry.next_attempt = now + delay
+        entry.next_refresh = entry.next_attempt
+        token = entry.token
+        still_valid = token is not None and token.is_valid(now)
+        log.warning(
+            "token fetch failed",
+            extra={
+                "event": "token_fetch_failed",
+                "upstream": self.upstream,
+                "workspace": entry.key,
+                "error_code": exc.code,
+                "reason": exc.message,
+                "consecutive_failures": entry.failures,
+                "retry_in": round(delay, 1),
+                "serving_current_token": still_valid,
+                "fingerprint": token.fingerprint if token else None,
+            },
+        )
+        entry.wake.set()
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with "equal jitter": half fixed, half random."""
+        s = self._settings
+        ceiling = min(s.max_backoff, s.min_backoff * float(2 ** min(failures - 1, 30)))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    # -- background renewal -------------------------------------------------------------------
+
+    async def _renew_loop(self, entry: _Entry) -> None:
+        """Renew ``entry`` ahead of expiry for as long as it is in use."""
+        clock = self._clock
+        while not self._closed:
+            if entry.next_refresh is None:
+                # Nothing fetched yet: wait for the first fetch to finish.
+                entry.wake.clear()
+                await entry.wake.wait()
+                continue
+            await clock.sleep(entry.next_refresh - clock.monotonic())
+            now = clock.monotonic()
+            if entry.next_refresh is not None and now < entry.next_refresh:
+                continue  # rescheduled while we slept
+            if not entry.pinned and now - entry.last_used > self._settings.idle_timeout:
+                self._entries.pop(entry.key, None)
+                self._retire(entry, reason="idle")
+                return
+            token = entry.token
+            if token is not None and not token.is_valid(now):
+                log.warning(
+                    "token expired before it could be renewed",
+                    extra={
+                        "event": "token_expired",
+                        "upstream": self.upstream,
+                        "workspace": entry.key,
+                        "fingerprint": token.fingerprint,
+                    },
+                )
+                entry.token = None
+            task = entry.inflight or self._start_fetch(entry)
+            with contextlib.suppress(TokenFetchError):  # _failed has set the next attempt
+                await asyncio.shield(task)
+
+    def _retire(self, entry: _Entry, *, reason: str) -> None:
+        log.info(
+            "token evicted",
+            extra={
+                "event": "token_evicted",
+                "upstream": self.upstream,
+                "workspace": entry.key,
+                "reason": reason,
+                "fingerprint": entry.token.fingerprint if entry.token else None,
+            },
+        )
+        current = asyncio.current_task()
+        if entry.loop is not None and entry.loop is not current:
+            entry.loop.cancel()
+
+    # -- start-up, status, shutdown -----------------------------------------------------------
+
+    def pin(self, keys: Iterable[str]) -> None:
+        """Keep ``keys`` renewed whether or not they are used, and fetch them now."""
+        now = self._clock.monotonic()
+        for key in keys:
+            entry = self._entries.get(key) or self._new_entry(key, now)
+            entry.pinned = True
+            if entry.token is None and entry.inflight is None and now >= entry.next_attempt:
+                self._start_fetch(entry)
+
+    def states(self) -> list[TokenState]:
+        now = self._clock.monotonic()
+        return [self._state(e, now) for e in list(self._entries.values())]
+
+    def _state(self, e: _Entry, now: float) -> TokenState:
+        t = e.token
+        valid = t is not None and t.is_valid(now)
+        if e.inflight is not None:
+            state = "renewing"
+        elif valid and e.failures:
+            state = "failing"
+        elif valid:
+            state = "valid"
+        elif t is not None or e.failures:
+            state = "expired"
+        else:
+            state = "empty"
+        return TokenState(
+            key=e.key,
+            state=state,
+            fingerprint=t.fingerprint if t else None,
+            expires_in=round(t.remaining(now), 3) if t else None,
+            wall_expires_at=t.wall_expires_at if t else None,
+            fetched_wall=e.fetched_wall,
+            next_refresh_in=round(e.next_refresh - now, 3) if e.next_refresh is not None else None,
+            consecutive_failures=e.failures,
+            last_error=e.last_error,
+            pinned=e.pinned,
+        )
+
+    async def wait_idle(self) -> None:
+        """Wait until no fetch is in flight (for tests and for start-up readiness)."""
+        while True:
+            tasks = [e.inflight for e in list(self._entries.values()) if e.inflight is not None]
+            if not tasks:
+                return
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop every background task and wait for them, then close the source."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.source.close()
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

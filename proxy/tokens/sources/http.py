@@ -1,0 +1,131 @@
+"""The one place where token endpoints are called: bounded reads, and aiohttp's exceptions
+translated into :class:`~proxy.errors.TokenFetchError` at this single boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from proxy.errors import TokenFetchError
+
+#: Token responses are small; a larger body is a broken or hostile endpoint.
+MAX_TOKEN_BODY = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JsonResponse:
+    status: int
+    body: Any
+    """The decoded JSON body, or None when the body was empty or not JSON."""
+    headers: CIMultiDictProxy[str]
+    server_time: float | None
+    """The server's clock from its ``Date`` header, when it sent one."""
+
+    @property
+    def retry_after(self) -> float | None:
+        return parse_retry_after(self.headers.get("Retry-After"), self.server_time)
+
+
+def parse_retry_after(value: str | None, server_time: float | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP-date
+    (RFC 9110 §10.2.3). An HTTP-date is compared with the server's own ``Date`` so that our
+    clock's skew does not matter."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if server_time is None:
+        return None
+    return max(0.0, when - server_time)
+
+
+def _server_time(headers: Mapping[str, str]) -> float | None:
+    date = headers.get("Date")
+    if not date:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+async def call_token_endpoint(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+    json_body: Any = None,
+    form: Mapping[str, str] | None = None,
+    timeout: float,
+    ssl_context: ssl.SSLContext | bool | None = None,
+    max_body: int = MAX_TOKEN_BODY,
+) -> JsonResponse:
+    """Send one request to a token endpoint and return its status and decoded JSON body.
+
+    Raises :class:`TokenFetchError` with code ``TIMEOUT``, ``TLS_ERROR``, ``NETWORK`` or
+    ``BODY_TOO_LARGE``; never an aiohttp exception. Redirects are not followed: a token
+    endpoint that redirects would carry our credentials to another host.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            async with session.request(
+                method,
+                url,
+                headers=headers,
+                params=params,
+                json=json_body,
+                data=form,
+                allow_redirects=False,
+                ssl=ssl_context if ssl_context is not None else True,
+            ) as resp:
+                raw = await resp.content.read(max_body + 1)
+                if len(raw) > max_body:
+                    raise TokenFetchError(
+                        "BODY_TOO_LARGE", f"token endpoint sent more than {max_body} bytes"
+                    )
+                server_time = _server_time(resp.headers)
+                body: Any = None
+                if raw.strip():
+                    try:
+                        body = json.loads(raw)
+                    except (ValueError, UnicodeDecodeError):
+                        body = None
+                return JsonResponse(resp.status, body, resp.headers, server_time)
+    except TimeoutError as exc:
+        raise TokenFetchError(
+            "TIMEOUT", f"token endpoint did not answer within {timeout}s"
+        ) from exc
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise TokenFetchError("TLS_ERROR", "token endpoint certificate did not verify") from exc
+    except aiohttp.ClientSSLError as exc:
+        raise TokenFetchError("TLS_ERROR", "TLS handshake with token endpoint failed") from exc
+    except aiohttp.ClientError as exc:
+        raise TokenFetchError(
+            "NETWORK", f"token endpoint unreachable ({type(exc).__name__})"
+        ) from exc
+
+
+def status_error(resp: JsonResponse, what: str) -> TokenFetchError:
+    """The error for a non-success status that a source has no special meaning for."""
+    from proxy.errors import RateLimited
+
+    if resp.status == 429:
+        return RateLimited("HTTP_429", f"{what} rate limited", retry_after=resp.retry_after)
+    return TokenFetchError(
+        f"HTTP_{resp.status}", f"{what} answered {resp.status}", retry_after=resp.retry_after
+    )

@@ -1,0 +1,358 @@
+"""Royalti's three-tier credential chain (``../shared/UPSTREAMS.md``).
+
+email + password --POST /auth/login--> refresh token (24 h JWT)
+refresh token --GET /auth/authtoken?currentWorkspace=W--> access token for W (6 h JWT)
+
+The refresh token is this source's own long-lived credential: one per upstream, obtained by at
+most one login at a time, renewed by logging in again at about 80 % of its life, and replaced at
+once (by one login, not a loop) when ``/auth/authtoken`` answers 401 because it was revoked.
+A refresh token handed in by an operator cannot be renewed: as it nears expiry we say so loudly.
+Login is rate limited (20 calls per 3 minutes per IP): failed logins back off, honour
+``Retry-After``, and every workspace waiting on a login shares the one attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from proxy.clock import Clock
+from proxy.errors import CredentialRejected, RateLimited, TokenFetchError
+from proxy.secret import Secret
+from proxy.tokens.source import CredentialStatus
+from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
+from proxy.tokens.token import Token, jwt_lifetime, make_token
+
+log = logging.getLogger("proxy.tokens")
+
+#: Warn that a handed-in refresh token is running out once this fraction of its life is gone.
+WARN_FRACTION = 0.8
+
+
+class RoyaltiSource:
+    """Per-workspace access tokens from Royalti, by login or from a handed-in refresh token."""
+
+    per_workspace = True
+    kind = "royalti"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        email: str | None,
+        password: Secret | None,
+        refresh_token: Callable[[], Secret | None] | None,
+        user_id: str | None,
+        session: aiohttp.ClientSession,
+        clock: Clock,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        min_backoff: float = 1.0,
+        max_backoff: float = 300.0,
+        upstream: str = "royalti",
+        rng: random.Random | None = None,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._email = email
+        self._password = password
+        self._handed_in = refresh_token
+        self._user_id = user_id
+        self._session = session
+        self._clock = clock
+        self._timeout = timeout
+        self._ssl = ssl_context
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self._upstream = upstream
+        self._rng = rng or random.Random()
+        self._refresh: Token | None = None
+        self._refresh_wall_iat: float | None = None
+        self._refresh_renew_at: float | None = None
+        self._login_task: asyncio.Task[Token] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._login_failures = 0
+        self._login_not_before = 0.0
+        self._last_error: str | None = None
+        self._warned_expiry_for: str | None = None
+        self.workspaces: dict[str, str] = {}
+        """Workspace id -> name, from the last login."""
+        self.login_calls = 0
+        self.authtoken_calls = 0
+
+    @property
+    def can_login(self) -> bool:
+        return self._email is not None and self._password is not None
+
+    # -- access tokens ------------------------------------------------------------------------
+
+    async def fetch(self, key: str) -> Token:
+        refresh = await self._current_refresh()
+        resp, requested_at, wall_at = await self._authtoken(refresh, key)
+        if resp.status == 401 and self.can_login:
+            # The refresh token was revoked (or expired early): one new login, then one retry.
+            self._drop_refresh(refresh)
+            refresh = await self._current_refresh()
+            resp, requested_at, wall_at = await self._authtoken(refresh, key)
+        return self._access_token(resp, key, requested_at, wall_at)
+
+    async def _authtoken(self, refresh: Token, workspace: str) -> tuple[JsonResponse, float, float]:
+        params = {"currentWorkspace": workspace}
+        if self._user_id:
+            params["userId"] = self._user_id
+        requested_at, wall_at = self._clock.monotonic(), self._clock.wall()
+        self.authtoken_calls += 1
+        resp = await call_token_endpoint(
+            self._session,
+            "GET",
+            f"{self._base}/auth/authtoken",
+            headers={"Authorization": f"Bearer {refresh.value}", "Accept": "application/json"},
+            params=params,
+            timeout=self._timeout,
+            ssl_context=self._ssl,
+        )
+        return resp, requested_at, wall_at
+
+    def _access_token(
+        self, resp: JsonResponse, workspace: str, requested_at: float, wall_at: float
+    ) -> Token:
+        if resp.status == 401:
+            raise CredentialRejected("REFRESH_TOKEN_REJECTED", "authtoken answered 401")
+        if resp.status == 404:
+            raise CredentialRejected("WORKSPACE_NOT_FOUND", "authtoken answered 404 for workspace")
+        if resp.status != 200:
+            raise status_error(resp, "authtoken")
+        value = _dig(resp.body, "data", "access_token")
+        if not isinstance(value, str) or not value:
+            raise TokenFetchError("BAD_RESPONSE", "authtoken response has no data.access_token")
+        lifetime, _ = jwt_lifetime(value, server_time=resp.server_time, local_wall=wall_at)
+        return make_token(
+            value,
+            lifetime=lifetime,
+            requested_at=requested_at,
+            wall_requested_at=wall_at,
+            what="royalti access token",
+        )
+
+    # -- the refresh token --------------------------------------------------------------------
+
+    async def _current_refresh(self) -> Token:
+        now = self._clock.monotonic()
+        token = self._refresh
+        if token is not None and token.is_valid(now):
+            if not self.can_login:
+                self._warn_if_expiring(token, now)
+            return token
+        if self._handed_in is not None and not self.can_login:
+            return self._load_handed_in()
+        return await self._login()
+
+    def _drop_refresh(self, token: Token) -> None:
+        if self._refresh is not None and self._refresh.value == token.value:
+            log.warning(
+                "refresh token rejected; logging in again",
+                extra={
+                    "event": "refresh_token_rejected",
+                    "upstream": self._upstream,
+                    "fingerprint": token.fingerprint,
+                },
+            )
+            self._refresh = None
+
+    def _load_handed_in(self) -> Token:
+        assert self._handed_in is not None
+        secret = self._handed_in()
+        if secret is None or not secret:
+            raise CredentialRejected("NO_REFRESH_TOKEN", "no refresh token configured")
+        value = secret.reveal()
+        if self._refresh is not None and self._refresh.value == value:
+            raise CredentialRejected(
+                "REFRESH_TOKEN_EXPIRED", "the handed-in refresh token has expired"
+            )
+        try:
+            lifetime, exp = jwt_lifetime(value, server_time=None, local_wall=self._clock.wall())
+            # Handed in some time after it was issued: what is left is exp minus now (our clock;
+            # the only reference we have), never more than its whole lifetime.
+            left = min(lifetime, exp - self._clock.wall())
+            token = make_token(
+                value,
+                lifetime=left,
+                requested_at=self._clock.monotonic(),
+                wall_requested_at=self._clock.wall(),
+                what="handed-in refresh token",
+            )
+        except TokenFetchError as exc:
+            raise CredentialRejected(exc.code, f"handed-in refresh token: {exc.message}") from exc
+        self._refresh = token
+        log.info(
+            "refresh token loaded",
+            extra={
+                "event": "refresh_token_loaded",
+                "upstream": self._upstream,
+                "fingerprint": token.fingerprint,
+                "expires_at": round(token.wall_expires_at, 3),
+            },
+        )
+        return token
+
+    def _warn_if_expiring(self, token: Token, now: float) -> None:
+        if now < token.obtained_at + token.lifetime * WARN_FRACTION and token.remaining(now) > 3600:
+            return
+        log.warning(
+            "handed-in refresh token expires soon and cannot be renewed: hand in a new one",
+            extra={
+                "event": "refresh_token_expiring",
+                "upstream": self._upstream,
+                "fingerprint": token.fingerprint,
+                "expires_in": round(token.remaining(now), 1),
+            },
+        )
+
+    async def _login(self) -> Token:
+        """One login at a time per upstream; everybody waiting shares its outcome."""
+        if self._login_task is None:
+            now = self._clock.monotonic()
+            if now < self._login_not_before:
+                raise RateLimited(
+                    self._last_error or "LOGIN_BACKOFF",
+                    "login is backing off after a failure",
+                    retry_after=self._login_not_before - now,
+                )
+            self._login_task = asyncio.ensure_future(self._do_login())
+            self._login_task.add_done_callback(_consume)
+        return await asyncio.shield(self._login_task)
+
+    async def _do_login(self) -> Token:
+        assert self._email is not None and self._password is not None
+        try:
+            token = await self._login_once(self._email, self._password)
+        except TokenFetchError as exc:
+            self._login_failures += 1
+            self._last_error = exc.code
+            ceiling = min(
+                self._max_backoff, self._min_backoff * float(2 ** min(self._login_failures - 1, 30))
+            )
+            delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+            if isinstance(exc, CredentialRejected):
+                delay = self._max_backoff
+            if exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
+            self._login_not_before = self._clock.monotonic() + delay
+            log.warning(
+                "login failed",
+                extra={
+                    "event": "login_failed",
+                    "upstream": self._upstream,
+                    "error_code": exc.code,
+                    "consecutive_failures": self._login_failures,
+                    "retry_in": round(delay, 1),
+                },
+            )
+            raise
+        finally:
+            self._login_task = None
+        self._login_failures = 0
+        self._last_error = None
+        self._refresh = token
+        self._refresh_renew_at = token.refresh_at(self._rng)
+        log.info(
+            "logged in",
+            extra={
+                "event": "login",
+                "upstream": self._upstream,
+                "fingerprint": token.fingerprint,
+                "expires_at": round(token.wall_expires_at, 3),
+                "workspaces": len(self.workspaces),
+            },
+        )
+        if self._renew_task is None:
+            self._renew_task = asyncio.ensure_future(self._renew_loop())
+        return token
+
+    async def _login_once(self, email: str, password: Secret) -> Token:
+        requested_at, wall_at = self._clock.monotonic(), self._clock.wall()
+        self.login_calls += 1
+        resp = await call_token_endpoint(
+            self._session,
+            "POST",
+            f"{self._base}/auth/login",
+            json_body={"email": email, "password": password.reveal(), "rememberMe": True},
+            headers={"Accept": "application/json"},
+            timeout=self._timeout,
+            ssl_context=self._ssl,
+        )
+        if resp.status in (400, 401, 403):
+            raise CredentialRejected("LOGIN_REJECTED", f"login answered {resp.status}")
+        if resp.status != 200:
+            raise status_error(resp, "login")
+        value = _dig(resp.body, "refresh_token")
+        if not isinstance(value, str) or not value:
+            raise TokenFetchError("BAD_RESPONSE", "login response has no refresh_token")
+        workspaces = _dig(resp.body, "workspaces")
+        if isinstance(workspaces, list):
+            # Samples name the id field either workspaceId or id.
+            self.workspaces = {
+                str(w.get("workspaceId") or w.get("id")): str(w.get("name", ""))
+                for w in workspaces
+                if isinstance(w, dict) and (w.get("workspaceId") or w.get("id"))
+            }
+        lifetime, _ = jwt_lifetime(value, server_time=resp.server_time, local_wall=wall_at)
+        return make_token(
+            value,
+            lifetime=lifetime,
+            requested_at=requested_at,
+            wall_requested_at=wall_at,
+            what="royalti refresh token",
+        )
+
+    async def _renew_loop(self) -> None:
+        """Log in again ahead of the refresh token's expiry, whether or not traffic asks."""
+        while True:
+            due = self._refresh_renew_at
+            if due is None:
+                return
+            now = self._clock.monotonic()
+            if now < due:
+                await self._clock.sleep(due - now)
+                continue
+            try:
+                await self._login()
+            except TokenFetchError:
+                # Backing off: try again once the backoff has passed.
+                self._refresh_renew_at = max(self._login_not_before, self._clock.monotonic() + 1)
+
+    # -- status and shutdown ------------------------------------------------------------------
+
+    def credential_status(self) -> CredentialStatus | None:
+        token = self._refresh
+        return CredentialStatus(
+            kind="refresh_token",
+            fingerprint=token.fingerprint if token else None,
+            wall_expires_at=token.wall_expires_at if token else None,
+            renewable=self.can_login,
+            last_error=self._last_error,
+        )
+
+    async def close(self) -> None:
+        for task in (self._renew_task, self._login_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+def _dig(body: Any, *path: str) -> Any:
+    for name in path:
+        if not isinstance(body, dict):
+            return None
+        body = body.get(name)
+    return body
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

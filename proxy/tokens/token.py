@@ -1,0 +1,141 @@
+"""The token value object and the rules that turn a token endpoint's answer into a lifetime."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from proxy.errors import TokenFetchError
+
+log = logging.getLogger("proxy.tokens")
+
+# A token whose exp is decades away is almost certainly a bug on the issuer's side; we still
+# renew it on a sane schedule.
+MAX_LIFETIME = 7 * 24 * 3600.0
+ONE_MINUTE = 60.0
+
+
+def fingerprint(value: str) -> str:
+    """The first 8 hex digits of the SHA-256 of ``value``: safe to log and show."""
+    return hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A credential and when it stops being usable.
+
+    Times are on the monotonic clock: ``obtained_at`` is when the request for the token was sent
+    (counting from the request, not the response, absorbs the time the answer took to arrive),
+    ``expires_at`` is ``obtained_at`` plus the lifetime the issuer granted minus a safety margin.
+    ``wall_expires_at`` is the same instant on this machine's wall clock, for display only.
+    """
+
+    value: str
+    obtained_at: float
+    lifetime: float
+    wall_expires_at: float
+    fingerprint: str = field(default="")
+    expires_at: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", fingerprint(self.value))
+        object.__setattr__(self, "expires_at", self.obtained_at + self.lifetime)
+
+    def is_valid(self, now: float) -> bool:
+        return now < self.expires_at
+
+    def remaining(self, now: float) -> float:
+        return self.expires_at - now
+
+    def refresh_at(self, rng: random.Random | None = None) -> float:
+        """When to renew this token ahead of its expiry.
+
+        A jittered point at 75-85 % of the lifetime. When the lifetime allows it (two minutes or
+        more, so that it still leaves half the lifetime) the point moves earlier to leave at least
+        a minute before expiry. The margins scale with the lifetime, so a token that lives two
+        seconds is renewed after about 1.6 s: not in a loop, and not discarded long before it
+        expires.
+        """
+        fraction = (rng or random).uniform(0.75, 0.85)
+        delay = self.lifetime * fraction
+        if self.lifetime >= 2 * ONE_MINUTE:
+            delay = min(delay, self.lifetime - ONE_MINUTE)
+        return self.obtained_at + delay
+
+
+def safety_margin(lifetime: float) -> float:
+    """How much earlier than the issuer says we stop trusting a token.
+
+    ``iat`` and ``exp`` are whole seconds, so a token may expire up to a second early: keep
+    one second, but never more than a tenth of a short lifetime.
+    """
+    return min(1.0, lifetime * 0.1)
+
+
+def _claims(value: str) -> dict[str, Any]:
+    try:
+        claims = jwt.decode(value, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise TokenFetchError("BAD_TOKEN", "token is not a decodable JWT") from exc
+    if not isinstance(claims, dict):  # pragma: no cover - pyjwt always returns a dict
+        raise TokenFetchError("BAD_TOKEN", "JWT payload is not an object")
+    return claims
+
+
+def _number(claims: dict[str, Any], name: str) -> float | None:
+    v = claims.get(name)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v)
+
+
+def jwt_lifetime(
+    value: str, *, server_time: float | None, local_wall: float
+) -> tuple[float, float]:
+    """``(lifetime, exp)`` of a JWT, read without verifying its signature.
+
+    The lifetime is ``exp - iat``: the issuer's own clock on both sides, so a skew between our
+    clock and the issuer's does not matter. Without ``iat`` we compare ``exp`` with the issuer's
+    clock as its ``Date`` header gave it (``server_time``), and only as a last resort with ours.
+    """
+    claims = _claims(value)
+    exp = _number(claims, "exp")
+    if exp is None:
+        raise TokenFetchError("BAD_TOKEN", "JWT has no numeric exp claim")
+    iat = _number(claims, "iat")
+    if iat is not None and iat <= exp:
+        lifetime = exp - iat
+    else:
+        lifetime = exp - (server_time if server_time is not None else local_wall)
+    return lifetime, exp
+
+
+def make_token(
+    value: str,
+    *,
+    lifetime: float,
+    requested_at: float,
+    wall_requested_at: float,
+    what: str,
+) -> Token:
+    """Build a :class:`Token`, rejecting lifetimes that are already over and capping absurd ones."""
+    if lifetime <= 0:
+        raise TokenFetchError("TOKEN_EXPIRED", f"{what} is already expired when received")
+    if lifetime > MAX_LIFETIME:
+        log.warning(
+            "token lifetime capped",
+            extra={"event": "token_lifetime_capped", "what": what, "lifetime": lifetime},
+        )
+        lifetime = MAX_LIFETIME
+    usable = lifetime - safety_margin(lifetime)
+    return Token(
+        value=value,
+        obtained_at=requested_at,
+        lifetime=usable,
+        wall_expires_at=wall_requested_at + usable,
+    )

@@ -1,0 +1,89 @@
+"""Unit tests of the token value object and lifetime rules (no network)."""
+
+from __future__ import annotations
+
+import random
+
+import jwt
+import pytest
+
+from proxy.errors import TokenFetchError
+from proxy.tokens.token import MAX_LIFETIME, Token, jwt_lifetime, make_token, safety_margin
+
+KEY = "k" * 32
+
+
+def _jwt(**claims: object) -> str:
+    return jwt.encode(dict(claims), KEY, algorithm="HS256")
+
+
+def test_lifetime_is_exp_minus_iat_whatever_our_clock_says():
+    value = _jwt(iat=1_000, exp=1_000 + 21_600)
+    for local in (0.0, 1_000.0, 1_000 + 3_600.0, 1_000 - 3_600.0, 5e9):
+        lifetime, exp = jwt_lifetime(value, server_time=None, local_wall=local)
+        assert lifetime == 21_600
+        assert exp == 21_600 + 1_000
+
+
+def test_without_iat_lifetime_is_counted_from_the_servers_date_header():
+    value = _jwt(exp=10_000)
+    lifetime, _ = jwt_lifetime(value, server_time=9_000.0, local_wall=1.0)
+    assert lifetime == 1_000
+
+
+def test_without_iat_or_date_header_lifetime_falls_back_to_our_wall_clock():
+    value = _jwt(exp=10_000)
+    lifetime, _ = jwt_lifetime(value, server_time=None, local_wall=9_500.0)
+    assert lifetime == 500
+
+
+@pytest.mark.parametrize("value", ["not-a-jwt", "a.b.c", _jwt(iat=1)])
+def test_a_value_that_is_not_a_jwt_with_exp_is_rejected(value):
+    with pytest.raises(TokenFetchError) as info:
+        jwt_lifetime(value, server_time=None, local_wall=0.0)
+    assert info.value.code == "BAD_TOKEN"
+
+
+def test_a_token_already_expired_when_received_is_rejected():
+    with pytest.raises(TokenFetchError) as info:
+        make_token("x", lifetime=-5, requested_at=0, wall_requested_at=0, what="t")
+    assert info.value.code == "TOKEN_EXPIRED"
+
+
+def test_a_lifetime_years_long_is_capped():
+    t = make_token("x", lifetime=10 * 365 * 86400, requested_at=0, wall_requested_at=0, what="t")
+    assert t.lifetime <= MAX_LIFETIME
+
+
+def test_expiry_counts_from_when_the_token_was_requested_minus_a_safety_margin():
+    t = make_token("x", lifetime=21_600, requested_at=50.0, wall_requested_at=0, what="t")
+    assert t.expires_at == 50.0 + 21_600 - 1.0
+    assert t.is_valid(50.0 + 21_598.9)
+    assert not t.is_valid(50.0 + 21_599)
+
+
+def test_the_safety_margin_scales_down_for_short_lifetimes():
+    assert safety_margin(21_600) == 1.0
+    assert safety_margin(2.0) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("lifetime", [2.0, 10.0, 100.0, 600.0, 21_600.0, 86_400.0])
+def test_refresh_ahead_point_stays_between_half_and_the_end_of_the_lifetime(lifetime):
+    rng = random.Random(7)
+    t = Token("v", obtained_at=0.0, lifetime=lifetime, wall_expires_at=lifetime)
+    points = [t.refresh_at(rng) for _ in range(200)]
+    assert all(lifetime * 0.5 <= p < lifetime for p in points)
+    if lifetime - lifetime * 0.5 >= 60:
+        # at least a minute before expiry when the lifetime allows it
+        assert all(lifetime - p >= 60 for p in points)
+    if lifetime >= 600:
+        # long-lived tokens renew in the 75-85 % band, jittered
+        assert all(0.75 * lifetime <= p <= 0.85 * lifetime for p in points)
+        assert len({round(p, 3) for p in points}) > 50
+
+
+def test_a_fingerprint_is_eight_hex_digits_and_not_the_token():
+    t = Token("secret-token-value", 0.0, 10.0, 10.0)
+    assert len(t.fingerprint) == 8
+    assert int(t.fingerprint, 16) >= 0
+    assert t.fingerprint not in "secret-token-value"
