@@ -14,10 +14,10 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from proxy import __version__, logs
-from proxy.config import load
+from proxy.app import Proxy
+from proxy.config import Config, load
 from proxy.errors import ConfigError
 
 log = logging.getLogger("proxy")
@@ -73,12 +73,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"configuration OK ({config.source}): upstreams {names}")
         return 0
     logs.setup(args.log_format or config.log_format, (args.log_level or config.log_level).upper())
-    from proxy.app import Proxy
+    reload_path = args.config
 
-    return asyncio.run(serve(Proxy(config)))
+    def reload_source() -> Config:
+        return load(reload_path, env)
+
+    return asyncio.run(serve(Proxy(config, reload_source=reload_source)))
 
 
-async def serve(running: contextlib.AbstractAsyncContextManager[Any]) -> int:
+async def serve(running: contextlib.AbstractAsyncContextManager[Proxy]) -> int:
     """Run until SIGTERM or SIGINT; a second signal exits at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,9 +98,24 @@ async def serve(running: contextlib.AbstractAsyncContextManager[Any]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    reloads: set[asyncio.Task[bool]] = set()
     try:
-        async with running:
-            await stop.wait()
+        async with running as proxy:
+
+            def on_hangup() -> None:
+                log.info(
+                    "reload requested", extra={"event": "reload_requested", "signal": "SIGHUP"}
+                )
+                task = asyncio.ensure_future(proxy.reload())
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+            quit_requested = asyncio.ensure_future(proxy.quit.wait())
+            signalled = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({quit_requested, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (quit_requested, signalled):
+                task.cancel()
     except OSError as exc:
         log.error("cannot start", extra={"event": "start_failed", "error": str(exc)})
         return 1

@@ -6,13 +6,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from proxy.admin import build_admin, iso
 from proxy.clock import Clock, SystemClock
 from proxy.config import (
     Address,
@@ -25,9 +33,11 @@ from proxy.config import (
     UpstreamConfig,
     read_secret_file,
 )
+from proxy.errors import ConfigError
 from proxy.forward import Forwarder, Route, Router
+from proxy.metrics import ProxyCollector, TokenMetrics, build_info
 from proxy.tokens.manager import ManagerSettings, TokenManager
-from proxy.tokens.source import TokenSource
+from proxy.tokens.source import SINGLE_KEY, TokenSource
 from proxy.tokens.sources.royalti import RoyaltiSource
 from proxy.tokens.sources.static import StaticSource
 
@@ -109,87 +119,90 @@ def build_source(
     return None
 
 
-class Proxy:
-    """The running proxy: listeners, routes, token managers."""
+@dataclass(slots=True, eq=False)
+class _Upstream:
+    """One upstream's resources, closed together when the upstream is replaced or removed."""
 
-    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+    config: UpstreamConfig
+    route: Route
+    manager: TokenManager | None
+    stack: contextlib.AsyncExitStack
+
+
+def _stat_all(paths: list[str]) -> dict[str, tuple[int, int, int, float] | None]:
+    out: dict[str, tuple[int, int, int, float] | None] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out[p] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
+        except OSError:
+            out[p] = None
+    return out
+
+
+class Proxy:
+    """The running proxy: listeners, routes, token managers, metrics."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        registry: CollectorRegistry | None = None,
+        reload_source: Callable[[], Config] | None = None,
+    ) -> None:
+        """``reload_source`` loads the configuration again (on SIGHUP or a file change)."""
         self.config = config
         self.clock = clock or SystemClock()
+        self.registry = registry or CollectorRegistry()
+        self.enable_quit = config.admin.enable_quit
         self.managers: dict[str, TokenManager] = {}
         self.routes: list[Route] = []
         self.forwarder: Forwarder | None = None
         self.addresses: dict[str, str] = {}
-        """Listener name -> URL it is reachable at (``http://127.0.0.1:PORT``)."""
+        """Listener name (``proxy``, ``admin``) -> URL it is reachable at."""
+        self.draining = False
+        self.quit = asyncio.Event()
+        """Set when ``POST /quitquitquit`` asks the process to exit."""
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.BaseRunner | None = None
+        self._upstreams: dict[str, _Upstream] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reload_source = reload_source
+        self._reload_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self._token_metrics = TokenMetrics(self.registry)
+        build_info(self.registry)
+        self.registry.register(
+            ProxyCollector(
+                forwarder=lambda: self.forwarder,
+                routes=lambda: self.routes,
+                managers=lambda: self.managers,
+                ready=lambda: not self.readiness(),
+                max_workspaces=config.admin.metrics_max_workspaces,
+            )
+        )
 
     async def start(self) -> None:
         try:
             await self._start()
         except BaseException:
+            await self._close_upstreams(list(self._upstreams.values()))
             await self._stack.aclose()
             raise
 
     async def _start(self) -> None:
         cfg = self.config
-        settings = ManagerSettings(
-            idle_timeout=cfg.tokens.idle_timeout,
-            max_entries=cfg.tokens.max_entries,
-            min_backoff=cfg.tokens.min_backoff,
-            max_backoff=cfg.tokens.max_backoff,
-        )
         for up in cfg.upstreams:
-            tls = ssl_context(up.tls)
-            session = await self._stack.enter_async_context(
-                aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=up.max_connections, ssl=tls),
-                    auto_decompress=False,  # bytes pass through as the upstream sent them
-                    # Never keep one client's cookies to send them with another's requests.
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                )
-            )
-            token_session = await self._stack.enter_async_context(
-                aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=10, ssl=tls),
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                )
-            )
-            source = build_source(up, session=token_session, clock=self.clock, tls=tls, config=cfg)
-            manager: TokenManager | None = None
-            if source is not None:
-                manager = TokenManager(
-                    upstream=up.name, source=source, clock=self.clock, settings=settings
-                )
-                self._stack.push_async_callback(manager.close)
-                self.managers[up.name] = manager
-            ra = up.auth if isinstance(up.auth, RoyaltiAuth) else None
-            per_ws = source is not None and source.per_workspace
-            route = Route(
-                name=up.name,
-                prefix=up.path_prefix.rstrip("/"),
-                base_url=up.url,
-                session=session,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=up.timeouts.connect, sock_read=up.timeouts.read
-                ),
-                manager=manager,
-                per_workspace=per_ws,
-                default_workspace=ra.default_workspace if ra else None,
-                allowed_workspaces=ra.allowed_workspaces if ra else frozenset(),
-                # Removed before forwarding even when the credential ignores it (an API key).
-                workspace_header=ra.workspace_header if ra else None,
-                inject_header=up.inject.header,
-                inject_format=up.inject.format,
-                replay_on=up.replay_on,
-                replay_max_body=up.replay_max_body,
-            )
-            self.routes.append(route)
-            if manager is not None:
-                if per_ws and route.default_workspace:
-                    manager.pin([route.default_workspace])
-                elif not per_ws:
-                    manager.pin(["-"])
-        self.forwarder = Forwarder(Router(self.routes), access_log_enabled=cfg.access_log)
+            self._upstreams[up.name] = await self._open_upstream(up, cfg)
+        self._install()
+        admin = web.AppRunner(
+            build_admin(self), handle_signals=False, access_log=None, shutdown_timeout=5.0
+        )
+        await admin.setup()
+        self._stack.push_async_callback(admin.cleanup)
+        self.addresses["admin"] = await _listen(admin, cfg.admin.listen)
+        assert self.forwarder is not None
         server = web.Server(
             self.forwarder,
             handler_cancellation=True,  # a client that goes away cancels its upstream request
@@ -203,18 +216,285 @@ class Proxy:
         self._runner = runner
         self._stack.push_async_callback(runner.cleanup)
         self.addresses["proxy"] = await _listen(runner, cfg.listen)
+        if self._reload_source is not None:
+            self._watcher = asyncio.ensure_future(self._watch_files())
         log.info(
             "proxy listening",
             extra={
                 "event": "started",
                 "listen": self.addresses["proxy"],
+                "admin": self.addresses["admin"],
                 "upstreams": [u.name for u in cfg.upstreams],
                 "config": cfg.source,
             },
         )
 
     async def stop(self) -> None:
-        await self._stack.aclose()
+        """Graceful: readiness turns 503, the listener stops accepting, requests in flight get
+        ``shutdown_timeout`` to finish, then everything is closed."""
+        self.draining = True
+        in_flight = self.forwarder.in_flight if self.forwarder else 0
+        log.info("draining", extra={"event": "draining", "in_flight": in_flight})
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self._stack.aclose()  # listeners first: they wait for requests in flight
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self._close_upstreams(list(self._upstreams.values()))
+
+    # -- upstreams ----------------------------------------------------------------------------
+
+    async def _open_upstream(self, up: UpstreamConfig, cfg: Config) -> _Upstream:
+        """Everything one upstream needs: its connection pools, token source and manager."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            tls = ssl_context(up.tls)
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=up.max_connections, ssl=tls),
+                    auto_decompress=False,  # bytes pass through as the upstream sent them
+                    # Never keep one client's cookies to send them with another's requests.
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                )
+            )
+            token_session = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=10, ssl=tls),
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                )
+            )
+            source = build_source(up, session=token_session, clock=self.clock, tls=tls, config=cfg)
+            manager: TokenManager | None = None
+            if source is not None:
+                source.observer = self._token_metrics.observer(up.name, source.kind)
+                manager = TokenManager(
+                    upstream=up.name,
+                    source=source,
+                    clock=self.clock,
+                    settings=ManagerSettings(
+                        idle_timeout=cfg.tokens.idle_timeout,
+                        max_entries=cfg.tokens.max_entries,
+                        min_backoff=cfg.tokens.min_backoff,
+                        max_backoff=cfg.tokens.max_backoff,
+                    ),
+                )
+                stack.push_async_callback(manager.close)
+        except BaseException:
+            await stack.aclose()
+            raise
+        ra = up.auth if isinstance(up.auth, RoyaltiAuth) else None
+        per_ws = source is not None and source.per_workspace
+        route = Route(
+            name=up.name,
+            prefix=up.path_prefix.rstrip("/"),
+            base_url=up.url,
+            session=session,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=up.timeouts.connect, sock_read=up.timeouts.read
+            ),
+            manager=manager,
+            per_workspace=per_ws,
+            default_workspace=ra.default_workspace if ra else None,
+            allowed_workspaces=ra.allowed_workspaces if ra else frozenset(),
+            # Removed before forwarding even when the credential ignores it (an API key).
+            workspace_header=ra.workspace_header if ra else None,
+            inject_header=up.inject.header,
+            inject_format=up.inject.format,
+            replay_on=up.replay_on,
+            replay_max_body=up.replay_max_body,
+        )
+        if manager is not None:
+            # Fetched now, so that readiness never waits for traffic.
+            if per_ws and route.default_workspace:
+                manager.pin([route.default_workspace])
+            elif not per_ws:
+                manager.pin([SINGLE_KEY])
+        return _Upstream(config=up, route=route, manager=manager, stack=stack)
+
+    def _install(self) -> None:
+        """Make the current upstreams the ones requests are routed to."""
+        ups = list(self._upstreams.values())
+        self.routes = [u.route for u in ups]
+        self.managers = {u.config.name: u.manager for u in ups if u.manager is not None}
+        router = Router(self.routes)
+        if self.forwarder is None:
+            self.forwarder = Forwarder(router, access_log_enabled=self.config.access_log)
+        else:
+            self.forwarder.router = router
+            self.forwarder.access_log = self.config.access_log
+
+    async def _close_upstreams(self, ups: list[_Upstream]) -> None:
+        for up in ups:
+            await up.stack.aclose()
+
+    async def _retire(self, ups: list[_Upstream]) -> None:
+        """Close replaced upstreams once the requests they are serving have finished."""
+        # Real time, not the injectable clock: this waits for real requests to finish. Polling
+        # keeps the per-request path free of an Event to set.
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        try:
+            while any(u.route.in_flight for u in ups) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        finally:  # at shutdown too, when this wait is cancelled
+            await self._close_upstreams(ups)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self, config: Config | None = None) -> bool:
+        """Apply a new configuration without dropping requests in flight.
+
+        Upstreams whose settings (secrets included) did not change keep their tokens and
+        connections; changed ones get new ones, and the old ones are closed once the requests
+        using them have finished. A configuration that does not load is rejected and the running
+        one kept. Listen addresses cannot change without a restart.
+        """
+        async with self._reload_lock:
+            if config is None:
+                if self._reload_source is None:
+                    return False
+                try:
+                    config = self._reload_source()
+                except ConfigError as exc:
+                    log.error(
+                        "new configuration rejected; keeping the running one",
+                        extra={"event": "reload_rejected", "problems": exc.problems},
+                    )
+                    return False
+            old = self.config
+            for what, before, after in (
+                ("listen", old.listen, config.listen),
+                ("admin.listen", old.admin.listen, config.admin.listen),
+            ):
+                if before != after:
+                    log.warning(
+                        "listen address changes need a restart; keeping the running one",
+                        extra={"event": "reload_ignored", "key": what},
+                    )
+            keep = {
+                u.name: self._upstreams[u.name]
+                for u in config.upstreams
+                if u.name in self._upstreams
+                and self._upstreams[u.name].config == u
+                and old.tokens == config.tokens
+            }
+            fresh: dict[str, _Upstream] = {}
+            try:
+                for up in config.upstreams:
+                    if up.name not in keep:
+                        fresh[up.name] = await self._open_upstream(up, config)
+            except Exception as exc:
+                await self._close_upstreams(list(fresh.values()))
+                log.error(
+                    "new configuration could not be applied; keeping the running one",
+                    extra={"event": "reload_rejected", "error": str(exc)},
+                )
+                return False
+            replaced = [u for name, u in self._upstreams.items() if name not in keep]
+            self._upstreams = {
+                up.name: keep.get(up.name) or fresh[up.name] for up in config.upstreams
+            }
+            self.config = config
+            self.enable_quit = config.admin.enable_quit
+            self._install()
+            if replaced:
+                task = asyncio.ensure_future(self._retire(replaced))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            log.info(
+                "configuration reloaded",
+                extra={
+                    "event": "reloaded",
+                    "kept": sorted(keep),
+                    "renewed": sorted(fresh),
+                    "removed": sorted(
+                        u.config.name for u in replaced if u.config.name not in fresh
+                    ),
+                },
+            )
+            return True
+
+    async def _watch_files(self) -> None:
+        """Reload when the configuration file or any secret file it names changes.
+
+        Kubernetes updates mounted Secrets and ConfigMaps by swapping a symlink, which changes
+        the inode a stat of the path sees.
+        """
+        seen = _stat_all(self._watched())
+        while True:
+            await self.clock.sleep(self.config.reload_poll)
+            now = _stat_all(self._watched())
+            if now != seen:
+                changed = sorted(p for p in now.keys() | seen.keys() if now.get(p) != seen.get(p))
+                log.info("watched file changed", extra={"event": "file_changed", "files": changed})
+                await self.reload()
+                seen = _stat_all(self._watched())
+
+    def _watched(self) -> list[str]:
+        files = list(self.config.watched_files)
+        if self.config.source not in ("environment", "defaults", "test", "demo"):
+            files.append(self.config.source)
+        return files
+
+    # -- what the admin endpoints show --------------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        """Why the proxy cannot serve every upstream now; empty when it can."""
+        if self.draining:
+            return ["shutting down"]
+        reasons: list[str] = []
+        for route in self.routes:
+            manager = route.manager
+            if manager is None:
+                continue
+            key = route.default_workspace if route.per_workspace else SINGLE_KEY
+            if key is None:
+                continue  # no default workspace: nothing to hold ready before traffic names one
+            if manager.peek(key) is None:
+                state = next((s for s in manager.states() if s.key == key), None)
+                error = f" (last error: {state.last_error})" if state and state.last_error else ""
+                what = f"default workspace {key}" if route.per_workspace else "its credential"
+                reasons.append(f"upstream {route.name}: no valid token for {what}{error}")
+        return reasons
+
+    def token_status(self) -> dict[str, Any]:
+        upstreams: list[dict[str, Any]] = []
+        for up in self.config.upstreams:
+            manager = self.managers.get(up.name)
+            entry: dict[str, Any] = {"name": up.name, "auth": up.auth_type, "tokens": []}
+            if manager is not None:
+                cred = manager.source.credential_status()
+                if cred is not None:
+                    entry["credential"] = {
+                        "kind": cred.kind,
+                        "fingerprint": cred.fingerprint,
+                        "expires_at": iso(cred.wall_expires_at),
+                        "renewable": cred.renewable,
+                        "last_error": cred.last_error,
+                    }
+                entry["tokens"] = [
+                    {
+                        "workspace": s.key,
+                        "state": s.state,
+                        "fingerprint": s.fingerprint,
+                        "expires_in": s.expires_in,
+                        "expires_at": iso(s.wall_expires_at),
+                        "fetched_at": iso(s.fetched_wall),
+                        "next_refresh_in": s.next_refresh_in,
+                        "consecutive_failures": s.consecutive_failures,
+                        "last_error": s.last_error,
+                        "pinned": s.pinned,
+                        "idle_for": s.idle_for,
+                    }
+                    for s in manager.states()
+                ]
+            upstreams.append(entry)
+        return {"ready": not self.readiness(), "upstreams": upstreams}
+
+    def request_quit(self) -> None:
+        log.info("quit requested", extra={"event": "quit_requested"})
+        self.quit.set()
 
     async def __aenter__(self) -> Proxy:
         await self.start()

@@ -177,6 +177,8 @@ class TokenSettings:
 class AdminConfig:
     listen: Address = Address(port=9090)
     enable_quit: bool = False
+    metrics_max_workspaces: int = 20
+    """Workspaces named in metric labels per upstream; the rest are folded into ``other``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +191,12 @@ class Config:
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     access_log: bool = False
+    reload_poll: float = 2.0
+    """How often the configuration file and every secret file are checked for changes."""
     source: str = "defaults"
     """Where the configuration came from: a file path, or ``environment``."""
+    watched_files: tuple[str, ...] = ()
+    """The secret and TLS files the configuration names; a change to one triggers a reload."""
 
 
 # -- parsing helpers --------------------------------------------------------------------------
@@ -284,10 +290,19 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
 class _Reader:
     """Typed access to one mapping of the raw configuration; problems are collected, not raised."""
 
-    def __init__(self, data: object, path: str, problems: list[str], env: Mapping[str, str]):
+    def __init__(
+        self,
+        data: object,
+        path: str,
+        problems: list[str],
+        env: Mapping[str, str],
+        files: list[str] | None = None,
+    ):
         self.path = path
         self.problems = problems
         self.env = env
+        self.files: list[str] = [] if files is None else files
+        """Every secret and TLS file the configuration names (watched for changes)."""
         self.seen: set[str] = set()
         if data is None:
             data = {}
@@ -410,7 +425,7 @@ class _Reader:
 
     def child(self, key: str) -> _Reader:
         self.seen.add(key)
-        return _Reader(self.data.get(key), self.where(key), self.problems, self.env)
+        return _Reader(self.data.get(key), self.where(key), self.problems, self.env, self.files)
 
     def secret_ref(self, key: str) -> SecretRef | None:
         """``key`` inline or ``key_file``; the file must be readable now."""
@@ -420,6 +435,7 @@ class _Reader:
             self.problem(key, f"give either {key} or {file_key}, not both")
             return None
         if path:
+            self.files.append(path)
             try:
                 if not read_secret_file(path):
                     self.problem(file_key, f"{path} is empty")
@@ -560,6 +576,8 @@ def _tls(r: _Reader) -> TLSSettings:
     )
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(tls, key)
+        if path:
+            r.files.append(path)
         if path and not os.access(path, os.R_OK):
             r.problem(key, f"cannot read {path}")
     if tls.key_file and not tls.cert_file:
@@ -628,6 +646,7 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
             "listen", parse_address(DEFAULT_ADMIN_LISTEN), lambda v: parse_address(str(v))
         ),
         enable_quit=a.flag("enable_quit", False),
+        metrics_max_workspaces=a.integer("metrics_max_workspaces", 20, minimum=1),
     )
     a.done()
     t = r.child("tokens")
@@ -647,7 +666,8 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
         r.problem("upstreams", "must be a non-empty list")
     else:
         for i, item in enumerate(raw_ups):
-            upstreams.append(_upstream(_Reader(item, f"upstreams[{i}]", problems, env), i))
+            item_reader = _Reader(item, f"upstreams[{i}]", problems, env, r.files)
+            upstreams.append(_upstream(item_reader, i))
     names = [u.name for u in upstreams]
     for i, u in enumerate(upstreams):
         if names.index(u.name) != i:
@@ -667,7 +687,9 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
         log_format=cast(Literal["json", "text"], r.choice("log_format", "json", ("json", "text"))),
         log_level=(r.text("log_level", "INFO") or "INFO").upper(),
         access_log=r.flag("access_log", False),
+        reload_poll=r.duration("reload_poll", 2.0),
         source=source,
+        watched_files=tuple(dict.fromkeys(r.files)),
     )
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("log_level: must be one of debug, info, warning, error")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from proxy.errors import (
     WorkspaceNotAllowed,
     WorkspaceRequired,
 )
+from proxy.metrics import RouteStats
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.source import SINGLE_KEY
 from proxy.tokens.token import Token
@@ -86,8 +88,10 @@ class Route:
     drop: frozenset[str] = field(default=frozenset())
     """Request headers (lower case) removed before forwarding: hop-by-hop, the workspace header,
     the header the credential is injected into."""
-    # Counters read by the metrics collector.
-    replays: int = 0
+    in_flight: int = 0
+    """Requests using this route now (a replaced route is closed only when this is 0)."""
+    stats: RouteStats = field(default_factory=RouteStats)
+    """Counters read by the metrics collector."""
     _pre: str = field(default="", init=False, repr=False)
     _post: str = field(default="", init=False, repr=False)
 
@@ -203,6 +207,15 @@ class Forwarder:
         if not target.startswith("/") or request.method == "CONNECT":
             raise BadTarget("only origin-form request targets are accepted")
         route, rest = self.router.match(target)
+        route.in_flight += 1
+        try:
+            return await self._forward(request, route, rest)
+        finally:
+            route.in_flight -= 1
+
+    async def _forward(
+        self, request: web.BaseRequest, route: Route, rest: str
+    ) -> web.StreamResponse:
         key = route.workspace(request)
         headers = self._forward_headers(request, route)
         url = URL(route.base_url + rest, encoded=True)
@@ -223,6 +236,20 @@ class Forwarder:
                 assert manager is not None
                 resp = await self._replay(
                     route, manager, key, token, request.method, url, headers, body, resp
+                )
+            route.stats.record(request.method, resp.status)
+            if self.access_log:
+                access_log.info(
+                    "request",
+                    extra={
+                        "event": "access",
+                        "upstream": route.name,
+                        "workspace": key,
+                        "method": request.method,
+                        "path": request.path,  # without the query, which may carry personal data
+                        "status": resp.status,
+                        "remote": request.remote,
+                    },
                 )
             return await self._relay(request, resp)
         finally:
@@ -256,7 +283,7 @@ class Forwarder:
         if fresh.value == token.value:
             return resp
         resp.release()
-        route.replays += 1
+        route.stats.replays += 1
         log.info(
             "token rejected by upstream; request replayed with a fresh token",
             extra={
@@ -300,8 +327,9 @@ class Forwarder:
         if token is not None:
             headers[route.inject_header] = route.credential(token)
         data = body.stream() if isinstance(body, _Body) else body
+        start = time.perf_counter()
         try:
-            return await route.session.request(
+            resp = await route.session.request(
                 method,
                 url,
                 headers=headers,
@@ -310,6 +338,8 @@ class Forwarder:
                 timeout=route.timeout,
                 skip_auto_headers=_SKIP_AUTO,
             )
+            route.stats.duration.observe(time.perf_counter() - start)
+            return resp
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream {route.name} did not answer in time") from exc
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:

@@ -70,6 +70,10 @@ class TokenState:
 
     key: str
     state: str  # valid | renewing | failing | expired | empty
+    valid: bool
+    """A token that can be injected now (also while it is being renewed)."""
+    idle_for: float
+    """Seconds since a request last asked for this key."""
     fingerprint: str | None
     expires_in: float | None
     wall_expires_at: float | None
@@ -254,8 +258,13 @@ class TokenManager:
         entry.next_refresh = entry.next_attempt
         token = entry.token
         still_valid = token is not None and token.is_valid(now)
-        log.warning(
-            "token fetch failed",
+        rejected = isinstance(exc, CredentialRejected)
+        # A refused credential will not heal by itself: say so loudly, once per failure streak.
+        log.log(
+            logging.ERROR if rejected and entry.failures == 1 else logging.WARNING,
+            "credential rejected; it will not heal by itself: check the configuration"
+            if rejected
+            else "token fetch failed",
             extra={
                 "event": "token_fetch_failed",
                 "upstream": self.upstream,
@@ -357,6 +366,8 @@ class TokenManager:
         return TokenState(
             key=e.key,
             state=state,
+            valid=valid,
+            idle_for=round(now - e.last_used, 3),
             fingerprint=t.fingerprint if t else None,
             expires_in=round(t.remaining(now), 3) if t else None,
             wall_expires_at=t.wall_expires_at if t else None,

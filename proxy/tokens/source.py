@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from proxy.errors import TokenFetchError
 from proxy.tokens.token import Token
+
+T = TypeVar("T")
 
 #: The cache key used by sources whose credential does not depend on a workspace.
 SINGLE_KEY = "-"
@@ -36,6 +41,9 @@ class TokenSource(Protocol):
     #: True when tokens are scoped per workspace and the request must name one.
     per_workspace: bool
 
+    #: Told about every token-endpoint call (set by the wiring; a no-op by default).
+    observer: FetchObserver
+
     async def fetch(self, key: str) -> Token: ...
 
     def credential_status(self) -> CredentialStatus | None:
@@ -45,3 +53,27 @@ class TokenSource(Protocol):
     async def close(self) -> None:
         """Release what the source holds (background tasks)."""
         ...
+
+
+class FetchObserver(Protocol):
+    """Told about every call to a token endpoint: which kind of call (``login``, ``access``,
+    ``refresh``, ``password``, ``client_credentials``), its outcome (``success`` or an error
+    code) and how long it took. The metrics module implements it."""
+
+    def __call__(self, kind: str, outcome: str, seconds: float, /) -> None: ...
+
+
+def ignore(kind: str, outcome: str, seconds: float) -> None:
+    """The observer of a source nobody observes."""
+
+
+async def observed(observer: FetchObserver, kind: str, call: Awaitable[T]) -> T:
+    """Await one token-endpoint call and report its outcome and duration to ``observer``."""
+    start = time.perf_counter()
+    try:
+        result = await call
+    except TokenFetchError as exc:
+        observer(kind, exc.code, time.perf_counter() - start)
+        raise
+    observer(kind, "success", time.perf_counter() - start)
+    return result

@@ -19,7 +19,7 @@ import aiohttp
 from proxy.clock import Clock
 from proxy.errors import ConfigError, CredentialRejected, TokenFetchError
 from proxy.secret import Secret
-from proxy.tokens.source import SINGLE_KEY, CredentialStatus
+from proxy.tokens.source import SINGLE_KEY, CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
 from proxy.tokens.token import Token, fingerprint, jwt_lifetime, make_token
 
@@ -144,6 +144,7 @@ class OAuth2Source:
         self._last_error: str | None = None
         #: Grant calls sent, by ``grant_type`` (for tests and metrics).
         self.grant_calls: collections.Counter[str] = collections.Counter()
+        self.observer: FetchObserver = ignore
 
     async def fetch(self, key: str) -> Token:
         if key != SINGLE_KEY:
@@ -197,6 +198,10 @@ class OAuth2Source:
         return await self._call("password", self._owner)
 
     async def _call(self, grant_type: str, fields: Mapping[str, str | Secret]) -> Token:
+        kind = "refresh" if grant_type == "refresh_token" else grant_type
+        return await observed(self.observer, kind, self._grant(grant_type, fields))
+
+    async def _grant(self, grant_type: str, fields: Mapping[str, str | Secret]) -> Token:
         """One grant; :class:`_OAuth2Error` escapes only from the refresh grant, for the caller
         to decide what a refused refresh token means."""
         form = {**self._base_form, "grant_type": grant_type, **fields}

@@ -25,7 +25,7 @@ import aiohttp
 from proxy.clock import Clock
 from proxy.errors import CredentialRejected, RateLimited, TokenFetchError
 from proxy.secret import Secret
-from proxy.tokens.source import CredentialStatus
+from proxy.tokens.source import CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
 from proxy.tokens.token import Token, jwt_lifetime, make_token
 
@@ -71,6 +71,7 @@ class RoyaltiSource:
         self._max_backoff = max_backoff
         self._upstream = upstream
         self._rng = rng or random.Random()
+        self.observer: FetchObserver = ignore
         self._refresh: Token | None = None
         self._refresh_wall_iat: float | None = None
         self._refresh_renew_at: float | None = None
@@ -93,13 +94,19 @@ class RoyaltiSource:
 
     async def fetch(self, key: str) -> Token:
         refresh = await self._current_refresh()
-        resp, requested_at, wall_at = await self._authtoken(refresh, key)
-        if resp.status == 401 and self.can_login:
-            # The refresh token was revoked (or expired early): one new login, then one retry.
-            self._drop_refresh(refresh)
-            refresh = await self._current_refresh()
-            resp, requested_at, wall_at = await self._authtoken(refresh, key)
-        return self._access_token(resp, key, requested_at, wall_at)
+        try:
+            return await observed(self.observer, "access", self._access(refresh, key))
+        except CredentialRejected as exc:
+            if exc.code != "REFRESH_TOKEN_REJECTED" or not self.can_login:
+                raise
+        # The refresh token was revoked (or expired early): one new login, then one retry.
+        self._drop_refresh(refresh)
+        refresh = await self._current_refresh()
+        return await observed(self.observer, "access", self._access(refresh, key))
+
+    async def _access(self, refresh: Token, workspace: str) -> Token:
+        resp, requested_at, wall_at = await self._authtoken(refresh, workspace)
+        return self._access_token(resp, workspace, requested_at, wall_at)
 
     async def _authtoken(self, refresh: Token, workspace: str) -> tuple[JsonResponse, float, float]:
         params = {"currentWorkspace": workspace}
@@ -230,7 +237,9 @@ class RoyaltiSource:
     async def _do_login(self) -> Token:
         assert self._email is not None and self._password is not None
         try:
-            token = await self._login_once(self._email, self._password)
+            token = await observed(
+                self.observer, "login", self._login_once(self._email, self._password)
+            )
         except TokenFetchError as exc:
             self._login_failures += 1
             self._last_error = exc.code
