@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 from proxy import __version__, logs
 from proxy.app import Proxy
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         from proxy.demo import running
 
         logs.setup(args.log_format or "text", (args.log_level or "INFO").upper())
-        return asyncio.run(serve(running(args.listen, args.admin_listen)))
+        return run(serve(running(args.listen, args.admin_listen)))
 
     try:
         config = load(args.config, env)
@@ -78,7 +79,22 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     def reload_source() -> Config:
         return load(reload_path, env)
 
-    return asyncio.run(serve(Proxy(config, reload_source=reload_source)))
+    return run(serve(Proxy(config, reload_source=reload_source)))
+
+
+def run(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop when the optional ``fast`` extra is installed, else on asyncio's
+    own loop. ``ROYALTI_PROXY_LOOP=asyncio`` forces the standard loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if os.environ.get("ROYALTI_PROXY_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 async def serve(running: contextlib.AbstractAsyncContextManager[Proxy]) -> int:
@@ -119,6 +135,10 @@ async def serve(running: contextlib.AbstractAsyncContextManager[Proxy]) -> int:
     except OSError as exc:
         log.error("cannot start", extra={"event": "start_failed", "error": str(exc)})
         return 1
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"royalti-proxy: {line}", file=sys.stderr)
+        return 2
     log.info("stopped", extra={"event": "stopped"})
     return 0
 

@@ -77,7 +77,7 @@ def build_source(
             )
         refresh = auth.refresh_token
         return RoyaltiSource(
-            base_url=up.url,
+            base_url=auth.auth_url or up.url,
             email=auth.email,
             password=auth.password,
             refresh_token=refresh.load if refresh is not None else None,

@@ -91,6 +91,8 @@ class RoyaltiAuth:
     allowed_workspaces: frozenset[str] = frozenset()
     workspace_header: str = "X-Royalti-Workspace"
     user_id: str | None = None
+    auth_url: str | None = None
+    """Where ``/auth/login`` and ``/auth/authtoken`` live, when not under the upstream's url."""
 
     @property
     def mode(self) -> Literal["login", "refresh_token", "api_key"]:
@@ -403,7 +405,13 @@ class _Reader:
         if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
             self.problem(key, "must be a list of strings")
             return []
-        return [interpolate(str(v), self.env) for v in value]
+        out: list[str] = []
+        for v in value:
+            try:
+                out.append(interpolate(str(v), self.env))
+            except KeyError as exc:
+                self.problem(key, f"environment variable {exc.args[0]} is not set")
+        return out
 
     def str_map(self, key: str) -> dict[str, str]:
         value = self.raw(key)
@@ -436,12 +444,17 @@ class _Reader:
             return None
         if path:
             self.files.append(path)
+            # The path is not repeated in messages: an operator may have put the secret itself
+            # where its file's path belongs.
             try:
                 if not read_secret_file(path):
-                    self.problem(file_key, f"{path} is empty")
+                    self.problem(file_key, "the file it names is empty")
                     return None
             except OSError as exc:
-                self.problem(file_key, f"cannot read {path}: {exc.strerror or exc}")
+                self.problem(file_key, f"cannot read the file it names ({exc.strerror or 'error'})")
+                return None
+            except UnicodeDecodeError:
+                self.problem(file_key, "the file it names is not UTF-8 text")
                 return None
             return SecretRef(path=path)
         if inline:
@@ -466,7 +479,7 @@ class _Reader:
 # -- building ---------------------------------------------------------------------------------
 
 
-def _auth(r: _Reader, upstream_name: str) -> tuple[Auth, AuthType]:
+def _auth(r: _Reader, token_timeout: float) -> tuple[Auth, AuthType]:
     auth_type = cast(AuthType, r.choice("type", "royalti", AUTH_TYPES))
     when = f"when type is {auth_type}"
     auth: Auth
@@ -487,7 +500,7 @@ def _auth(r: _Reader, upstream_name: str) -> tuple[Auth, AuthType]:
                 None,
                 f"give one of email+password, refresh_token or api_key, not {' and '.join(modes)}",
             )
-        if email and password is None:
+        if email and password is None and not r.has("password_file"):
             r.problem("password", "required with email (or password_file)")
         if password is not None and not email:
             r.problem("email", "required with password")
@@ -503,7 +516,10 @@ def _auth(r: _Reader, upstream_name: str) -> tuple[Auth, AuthType]:
             allowed_workspaces=frozenset(r.str_list("allowed_workspaces")),
             workspace_header=header,
             user_id=r.text("user_id") or None,
+            auth_url=(r.text("auth_url") or "").rstrip("/") or None,
         )
+        if auth.auth_url and not re.match(r"^https?://[^/?#]+", auth.auth_url):
+            r.problem("auth_url", "must be an http:// or https:// URL")
         if (
             auth.default_workspace
             and auth.allowed_workspaces
@@ -550,7 +566,7 @@ def _auth(r: _Reader, upstream_name: str) -> tuple[Auth, AuthType]:
                     extra_params=auth.extra_params,
                     extra_headers=auth.extra_headers,
                     default_lifetime=auth.default_lifetime,
-                    timeout=1.0,
+                    timeout=token_timeout,
                 )
             except ConfigError as exc:
                 for line in exc.problems:
@@ -596,13 +612,17 @@ def _upstream(r: _Reader, index: int) -> UpstreamConfig:
     prefix = r.text("path_prefix", "/") or "/"
     if not prefix.startswith("/"):
         r.problem("path_prefix", "must start with /")
-    auth, auth_type = _auth(r.child("auth"), name)
     t = r.child("timeouts")
     timeouts = Timeouts(
         connect=t.duration("connect", 10.0),
         read=t.duration("read", 300.0),
         token=t.duration("token", 10.0),
     )
+    for key in ("connect", "read", "token"):
+        if getattr(timeouts, key) <= 0:
+            t.problem(key, "must be positive")
+    # A bad token timeout is reported above, once.
+    auth, auth_type = _auth(r.child("auth"), timeouts.token if timeouts.token > 0 else 10.0)
     t.done()
     replay_on: set[int] = set()
     for s in r.str_list("replay_on") if r.has("replay_on") else ["401"]:
@@ -754,6 +774,8 @@ def load(path: str | None, env: Mapping[str, str]) -> Config:
             data = yaml.safe_load(fh)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -5,7 +5,10 @@
     ProxyError                     code, status: every error the proxy itself answers with
     ├── ConfigError                bad configuration (carries one line per problem)
     ├── RequestError               the client's request cannot be served as sent
-    │   ├── BadTarget              400 INVALID_REQUEST_TARGET (absolute-form, CONNECT, ...)
+    │   ├── BadTarget              400 INVALID_REQUEST_TARGET (absolute-form, CONNECT, dot
+    │   │                          segments, ...)
+    │   ├── ExpectationFailed      417 EXPECTATION_FAILED (an Expect other than 100-continue)
+    │   ├── ClientGone             499 CLIENT_CLOSED_REQUEST (nobody reads the answer)
     │   ├── NoRoute                404 NO_ROUTE
     │   ├── WorkspaceRequired      400 WORKSPACE_REQUIRED
     │   └── WorkspaceNotAllowed    403 WORKSPACE_NOT_ALLOWED
@@ -77,6 +80,16 @@ class RequestError(ProxyError):
 class BadTarget(RequestError):
     code = "INVALID_REQUEST_TARGET"
     status = 400
+
+
+class ExpectationFailed(RequestError):
+    code = "EXPECTATION_FAILED"
+    status = 417
+
+
+class ClientGone(RequestError):
+    code = "CLIENT_CLOSED_REQUEST"
+    status = 499
 
 
 class NoRoute(RequestError):

@@ -7,6 +7,7 @@ Everything a request needs that does not depend on the request is resolved into 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import math
 import time
@@ -21,6 +22,8 @@ from yarl import URL
 from proxy.errors import (
     ERROR_HEADER,
     BadTarget,
+    ClientGone,
+    ExpectationFailed,
     NoRoute,
     ProxyError,
     TokenUnavailable,
@@ -63,6 +66,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
 #: Headers aiohttp's client would otherwise add on its own: the upstream must see the client's.
 _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 _STREAM_CHUNK = 64 * 1024
+_LARGE_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -96,7 +100,11 @@ class Route:
     _post: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
-        drop = set(_REQUEST_DROP) | {self.inject_header.lower()}
+        drop = set(_REQUEST_DROP)
+        if self.manager is not None:
+            # The client's own credentials never travel alongside ours, whatever header ours is
+            # injected into. (With auth type none the client's headers pass through.)
+            drop |= {self.inject_header.lower(), "authorization"}
         if self.workspace_header:
             drop.add(self.workspace_header.lower())
         self.drop = frozenset(drop)
@@ -143,6 +151,26 @@ class Router:
         raise NoRoute("no upstream is configured for this path")
 
 
+def _has_dot_segment(target: str) -> bool:
+    """Whether the path has a ``.`` or ``..`` segment, also when its dots or slashes are
+    percent-encoded: such a path could leave the upstream's base path once the upstream
+    normalises it (RFC 3986 §5.2.4)."""
+    path = target.split("?", 1)[0]
+    if "." not in path and "%" not in path:
+        return False  # the common case, decided without allocating
+    decoded = path.replace("%2e", ".").replace("%2E", ".").replace("%2f", "/").replace("%2F", "/")
+    return any(seg in (".", "..") for seg in decoded.replace("\\", "/").split("/"))
+
+
+def _connection_tokens(values: list[str]) -> frozenset[str]:
+    """The header names listed by every ``Connection`` field line (RFC 9110 §7.6.1)."""
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
 def error_response(exc: ProxyError) -> web.Response:
     headers = {ERROR_HEADER: exc.code, "Content-Type": "application/json"}
     if exc.retry_after is not None:
@@ -153,7 +181,7 @@ def error_response(exc: ProxyError) -> web.Response:
 class _Body:
     """The request body: sent as it arrives, and kept (up to a limit) so it can be replayed."""
 
-    __slots__ = ("_chunks", "_limit", "_request", "_size", "overflowed", "started")
+    __slots__ = ("_chunks", "_limit", "_request", "_size", "finished", "overflowed")
 
     def __init__(self, request: web.BaseRequest, limit: int) -> None:
         self._request = request
@@ -161,10 +189,9 @@ class _Body:
         self._chunks: list[bytes] = []
         self._size = 0
         self.overflowed = False
-        self.started = False
+        self.finished = False
 
     async def stream(self) -> AsyncIterator[bytes]:
-        self.started = True
         async for chunk in self._request.content.iter_chunked(_STREAM_CHUNK):
             if not self.overflowed:
                 self._size += len(chunk)
@@ -174,9 +201,13 @@ class _Body:
                     self.overflowed = True
                     self._chunks = []
             yield chunk
+        self.finished = True
 
     def replayable(self) -> bytes | None:
-        if self.overflowed:
+        """The whole body, or None when it cannot be sent again: too large, or not read to its
+        end (an upstream may reject a request before reading its body; replaying what was read
+        so far would send a truncated body as if it were complete)."""
+        if self.overflowed or not self.finished:
             return None
         return b"".join(self._chunks)
 
@@ -206,6 +237,8 @@ class Forwarder:
         # another host must never make us connect anywhere but the configured upstream.
         if not target.startswith("/") or request.method == "CONNECT":
             raise BadTarget("only origin-form request targets are accepted")
+        if _has_dot_segment(target):
+            raise BadTarget("dot segments (. and ..) are not accepted in the path")
         route, rest = self.router.match(target)
         route.in_flight += 1
         try:
@@ -220,12 +253,27 @@ class Forwarder:
         headers = self._forward_headers(request, route)
         url = URL(route.base_url + rest, encoded=True)
 
+        # Expect: 100-continue (RFC 9110 §10.1.1) is answered here, once the request is known to
+        # be acceptable; the upstream never sees it. aiohttp's low-level server leaves it to us.
+        expect = request.headers.get("Expect")
+        expect_continue = False
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                raise ExpectationFailed("only Expect: 100-continue is supported")
+            expect_continue = request.version >= (1, 1)
         body: bytes | _Body | None
         if not request.body_exists:
             body = None
         elif request.content_length is not None and request.content_length <= route.replay_max_body:
-            body = await request.read()
+            if expect_continue:
+                await _continue(request)
+            try:
+                body = await request.content.readexactly(request.content_length)
+            except asyncio.IncompleteReadError:
+                raise ClientGone("client closed the connection while sending its body") from None
         else:
+            if expect_continue:
+                await _continue(request)
             body = _Body(request, route.replay_max_body if request.content_length is None else -1)
 
         manager = route.manager
@@ -299,9 +347,8 @@ class Forwarder:
     @staticmethod
     def _forward_headers(request: web.BaseRequest, route: Route) -> CIMultiDict[str]:
         drop = route.drop
-        conn = request.headers.get("Connection")
-        if conn:
-            drop = drop | {t.strip().lower() for t in conn.split(",")}
+        if "Connection" in request.headers:
+            drop = drop | _connection_tokens(request.headers.getall("Connection"))
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
             if name.lower() not in drop:
@@ -326,7 +373,13 @@ class Forwarder:
         """The one boundary where aiohttp's client errors become the proxy's own."""
         if token is not None:
             headers[route.inject_header] = route.credential(token)
-        data = body.stream() if isinstance(body, _Body) else body
+        data: bytes | io.BytesIO | AsyncIterator[bytes] | None
+        if isinstance(body, _Body):
+            data = body.stream()
+        elif body is not None and len(body) > _LARGE_BYTES:
+            data = io.BytesIO(body)  # aiohttp writes large bytes bodies in one blocking call
+        else:
+            data = body
         start = time.perf_counter()
         try:
             resp = await route.session.request(
@@ -353,9 +406,8 @@ class Forwarder:
     async def _relay(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> web.StreamResponse:
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         drop = HOP_BY_HOP
-        conn = resp.headers.get("Connection")
-        if conn:
-            drop = drop | {t.strip().lower() for t in conn.split(",")}
+        if "Connection" in resp.headers:
+            drop = drop | _connection_tokens(resp.headers.getall("Connection"))
         for name, value in resp.headers.items():
             if name.lower() not in drop:
                 out.headers.add(name, value)

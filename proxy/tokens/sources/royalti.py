@@ -173,7 +173,12 @@ class RoyaltiSource:
 
     def _load_handed_in(self) -> Token:
         assert self._handed_in is not None
-        secret = self._handed_in()
+        try:
+            secret = self._handed_in()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CredentialRejected(
+                "CREDENTIAL_FILE", "cannot read the refresh token file"
+            ) from exc
         if secret is None or not secret:
             raise CredentialRejected("NO_REFRESH_TOKEN", "no refresh token configured")
         value = secret.reveal()

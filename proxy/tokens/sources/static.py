@@ -61,12 +61,12 @@ class StaticSource:
             if self._value is None or stat != self._stat:
                 self._value = self._read(self._path)
                 self._stat = stat
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             if self._value is not None:
                 return self._value
-            raise CredentialRejected("CREDENTIAL_FILE", f"cannot read {self._path}") from exc
+            raise CredentialRejected("CREDENTIAL_FILE", "cannot read the credential file") from exc
         if not self._value:
-            raise CredentialRejected("CREDENTIAL_FILE", f"{self._path} is empty")
+            raise CredentialRejected("CREDENTIAL_FILE", "the credential file is empty")
         return self._value
 
     def credential_status(self) -> CredentialStatus | None:
