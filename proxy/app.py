@@ -35,6 +35,7 @@ from proxy.config import (
 )
 from proxy.errors import ConfigError
 from proxy.forward import Forwarder, Route, Router
+from proxy.inbound import GuardedServer, InboundGuard
 from proxy.metrics import ProxyCollector, TokenMetrics, build_info
 from proxy.tokens.manager import ManagerSettings, TokenManager
 from proxy.tokens.source import SINGLE_KEY, TokenSource
@@ -203,11 +204,17 @@ class Proxy:
         self._stack.push_async_callback(admin.cleanup)
         self.addresses["admin"] = await _listen(admin, cfg.admin.listen)
         assert self.forwarder is not None
-        server = web.Server(
+        lim = cfg.limits
+        server = GuardedServer(
             self.forwarder,
+            header_timeout=lim.header_timeout,
             handler_cancellation=True,  # a client that goes away cancels its upstream request
             auto_decompress=False,  # request bodies pass through as the client sent them
             access_log=None,
+            keepalive_timeout=lim.idle_timeout,
+            max_line_size=lim.max_header_size,
+            max_field_size=lim.max_header_size,
+            max_headers=lim.max_headers,
         )
         runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=cfg.shutdown_timeout
@@ -216,6 +223,14 @@ class Proxy:
         self._runner = runner
         self._stack.push_async_callback(runner.cleanup)
         self.addresses["proxy"] = await _listen(runner, cfg.listen)
+        if cfg.listen.unix is not None:
+            os.chmod(cfg.listen.unix, cfg.inbound.unix_socket_mode)
+        if cfg.inbound.allow_unauthenticated and not cfg.listen.is_loopback:
+            log.warning(
+                "the proxy listens on a non-loopback address with NO inbound guard: anyone who "
+                "can reach it can use its credentials",
+                extra={"event": "unguarded", "listen": str(cfg.listen)},
+            )
         if self._reload_source is not None:
             self._watcher = asyncio.ensure_future(self._watch_files())
         log.info(
@@ -304,6 +319,11 @@ class Proxy:
             inject_format=up.inject.format,
             replay_on=up.replay_on,
             replay_max_body=up.replay_max_body,
+            max_concurrent=up.max_concurrent,
+            max_body_size=up.max_body_size,
+            also_drop=frozenset({cfg.inbound.shared_secret_header})
+            if cfg.inbound.shared_secret is not None
+            else frozenset(),
         )
         if manager is not None:
             # Fetched now, so that readiness never waits for traffic.
@@ -320,10 +340,22 @@ class Proxy:
         self.managers = {u.config.name: u.manager for u in ups if u.manager is not None}
         router = Router(self.routes)
         if self.forwarder is None:
-            self.forwarder = Forwarder(router, access_log_enabled=self.config.access_log)
+            self.forwarder = Forwarder(
+                router, access_log_enabled=self.config.access_log, guard=self._guard()
+            )
         else:
             self.forwarder.router = router
             self.forwarder.access_log = self.config.access_log
+            self.forwarder.guard = self._guard()
+
+    def _guard(self) -> InboundGuard | None:
+        inbound = self.config.inbound
+        secret = inbound.shared_secret.load().reveal().encode() if inbound.shared_secret else None
+        if not inbound.allowed_cidrs and secret is None:
+            return None
+        return InboundGuard(
+            networks=inbound.allowed_cidrs, secret=secret, header=inbound.shared_secret_header
+        )
 
     async def _close_upstreams(self, ups: list[_Upstream]) -> None:
         for up in ups:

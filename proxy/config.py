@@ -163,6 +163,10 @@ class UpstreamConfig:
     replay_on: frozenset[int] = frozenset({401})
     replay_max_body: int = 1024 * 1024
     max_connections: int = 100
+    max_concurrent: int = 1000
+    """Requests handled at once for this upstream; beyond it, 503 OVERLOADED."""
+    max_body_size: int | None = None
+    """Largest request body accepted, in bytes; beyond it, 413 BODY_TOO_LARGE."""
     tls: TLSSettings = TLSSettings()
     inject: Inject = Inject()
 
@@ -173,6 +177,27 @@ class TokenSettings:
     max_entries: int = 1000
     min_backoff: float = 1.0
     max_backoff: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class InboundConfig:
+    """Who may call the proxy listener."""
+
+    allowed_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    shared_secret: SecretRef | None = None
+    shared_secret_header: str = "X-Proxy-Secret"
+    allow_unauthenticated: bool = False
+    unix_socket_mode: int = 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """What one client connection may ask of the proxy listener."""
+
+    max_header_size: int = 8190
+    max_headers: int = 100
+    idle_timeout: float = 75.0
+    header_timeout: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +213,8 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...]
     listen: Address = Address()
     admin: AdminConfig = AdminConfig()
+    inbound: InboundConfig = InboundConfig()
+    limits: ClientLimits = ClientLimits()
     tokens: TokenSettings = TokenSettings()
     shutdown_timeout: float = 25.0
     log_format: Literal["json", "text"] = "json"
@@ -583,6 +610,40 @@ def _auth(r: _Reader, token_timeout: float) -> tuple[Auth, AuthType]:
     return auth, auth_type
 
 
+def _inbound(r: _Reader, listen: Address) -> InboundConfig:
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for cidr in r.str_list("allowed_cidrs"):
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            r.problem("allowed_cidrs", f"{cidr!r} is not an address or network")
+    mode_text = r.text("unix_socket_mode", "0660") or "0660"
+    try:
+        mode = int(mode_text, 8)
+        if not 0 <= mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        r.problem("unix_socket_mode", "must be an octal file mode such as 0660")
+        mode = 0o660
+    header = r.text("shared_secret_header", "X-Proxy-Secret") or "X-Proxy-Secret"
+    inbound = InboundConfig(
+        allowed_cidrs=tuple(networks),
+        shared_secret=r.secret_ref("shared_secret"),
+        shared_secret_header=header,
+        allow_unauthenticated=r.flag("allow_unauthenticated", False),
+        unix_socket_mode=mode,
+    )
+    guarded = inbound.allowed_cidrs or inbound.shared_secret is not None
+    if not listen.is_loopback and not guarded and not inbound.allow_unauthenticated:
+        r.problems.append(
+            f"listen: {listen} is not a loopback address: anyone who reaches it could use this "
+            "proxy's credentials. Set inbound.allowed_cidrs and/or inbound.shared_secret_file, "
+            "listen on a unix: socket, or set inbound.allow_unauthenticated: true"
+        )
+    r.done()
+    return inbound
+
+
 def _tls(r: _Reader) -> TLSSettings:
     tls = TLSSettings(
         verify=r.flag("verify", True),
@@ -648,6 +709,8 @@ def _upstream(r: _Reader, index: int) -> UpstreamConfig:
         replay_on=frozenset(replay_on),
         replay_max_body=r.size("replay_max_body", 1024 * 1024),
         max_connections=r.integer("max_connections", 100, minimum=1),
+        max_concurrent=r.integer("max_concurrent", 1000, minimum=1),
+        max_body_size=r.size("max_body_size", -1) if r.has("max_body_size") else None,
         tls=_tls(r.child("tls")),
         inject=inject,
     )
@@ -669,6 +732,18 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
         metrics_max_workspaces=a.integer("metrics_max_workspaces", 20, minimum=1),
     )
     a.done()
+    inbound = _inbound(r.child("inbound"), listen)
+    lim = r.child("limits")
+    limits = ClientLimits(
+        max_header_size=lim.size("max_header_size", 8190),
+        max_headers=lim.integer("max_headers", 100, minimum=1),
+        idle_timeout=lim.duration("idle_timeout", 75.0),
+        header_timeout=lim.duration("header_timeout", 15.0),
+    )
+    for key in ("idle_timeout", "header_timeout", "max_header_size"):
+        if getattr(limits, key) <= 0:
+            lim.problem(key, "must be positive")
+    lim.done()
     t = r.child("tokens")
     tokens = TokenSettings(
         idle_timeout=t.duration("idle_timeout", 3600.0),
@@ -702,6 +777,8 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
         upstreams=tuple(upstreams),
         listen=listen,
         admin=admin,
+        inbound=inbound,
+        limits=limits,
         tokens=tokens,
         shutdown_timeout=r.duration("shutdown_timeout", 25.0),
         log_format=cast(Literal["json", "text"], r.choice("log_format", "json", ("json", "text"))),
@@ -750,6 +827,17 @@ def from_environment(env: Mapping[str, str]) -> Config:
     }
     if env.get("ROYALTI_PROXY_ADMIN_LISTEN"):
         data["admin"] = {"listen": env["ROYALTI_PROXY_ADMIN_LISTEN"]}
+    inbound: dict[str, Any] = {}
+    for var, key in (
+        ("ROYALTI_PROXY_ALLOWED_CIDRS", "allowed_cidrs"),
+        ("ROYALTI_PROXY_SHARED_SECRET_FILE", "shared_secret_file"),
+        ("ROYALTI_PROXY_SHARED_SECRET_HEADER", "shared_secret_header"),
+        ("ROYALTI_PROXY_ALLOW_UNAUTHENTICATED", "allow_unauthenticated"),
+    ):
+        if env.get(var):
+            inbound[key] = env[var]
+    if inbound:
+        data["inbound"] = inbound
     # Values from the environment are literal: no ${...} expansion inside them.
     return build(_escape(data), {}, source="environment")
 

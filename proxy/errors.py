@@ -9,10 +9,14 @@
     │   │                          segments, ...)
     │   ├── ExpectationFailed      417 EXPECTATION_FAILED (an Expect other than 100-continue)
     │   ├── ClientGone             499 CLIENT_CLOSED_REQUEST (nobody reads the answer)
+    │   ├── ClientUnauthenticated  401 CLIENT_UNAUTHENTICATED (inbound shared secret)
+    │   ├── ClientNotAllowed       403 CLIENT_NOT_ALLOWED (inbound.allowed_cidrs)
+    │   ├── BodyTooLarge           413 BODY_TOO_LARGE
     │   ├── NoRoute                404 NO_ROUTE
     │   ├── WorkspaceRequired      400 WORKSPACE_REQUIRED
     │   └── WorkspaceNotAllowed    403 WORKSPACE_NOT_ALLOWED
     ├── TokenUnavailable           503 TOKEN_UNAVAILABLE (with retry_after)
+    ├── Overloaded                 503 OVERLOADED (with retry_after)
     └── UpstreamError
         ├── UpstreamUnavailable    502 UPSTREAM_UNAVAILABLE
         ├── UpstreamTLSError       502 UPSTREAM_TLS_ERROR
@@ -92,6 +96,21 @@ class ClientGone(RequestError):
     status = 499
 
 
+class ClientUnauthenticated(RequestError):
+    code = "CLIENT_UNAUTHENTICATED"
+    status = 401
+
+
+class ClientNotAllowed(RequestError):
+    code = "CLIENT_NOT_ALLOWED"
+    status = 403
+
+
+class BodyTooLarge(RequestError):
+    code = "BODY_TOO_LARGE"
+    status = 413
+
+
 class NoRoute(RequestError):
     code = "NO_ROUTE"
     status = 404
@@ -118,6 +137,15 @@ class TokenUnavailable(ProxyError):
     @property
     def retry_after(self) -> float:
         return self._retry_after
+
+
+class Overloaded(ProxyError):
+    code = "OVERLOADED"
+    status = 503
+
+    @property
+    def retry_after(self) -> float:
+        return 1.0
 
 
 class UpstreamError(ProxyError):

@@ -22,9 +22,11 @@ from yarl import URL
 from proxy.errors import (
     ERROR_HEADER,
     BadTarget,
+    BodyTooLarge,
     ClientGone,
     ExpectationFailed,
     NoRoute,
+    Overloaded,
     ProxyError,
     TokenUnavailable,
     UpstreamTimeout,
@@ -33,6 +35,7 @@ from proxy.errors import (
     WorkspaceNotAllowed,
     WorkspaceRequired,
 )
+from proxy.inbound import InboundGuard
 from proxy.metrics import RouteStats
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.source import SINGLE_KEY
@@ -89,6 +92,10 @@ class Route:
     inject_format: str = "Bearer {token}"
     replay_on: frozenset[int] = frozenset({401})
     replay_max_body: int = 1024 * 1024
+    max_concurrent: int = 1000
+    max_body_size: int | None = None
+    also_drop: frozenset[str] = frozenset()
+    """Further request headers to remove (the inbound shared-secret header)."""
     drop: frozenset[str] = field(default=frozenset())
     """Request headers (lower case) removed before forwarding: hop-by-hop, the workspace header,
     the header the credential is injected into."""
@@ -100,7 +107,7 @@ class Route:
     _post: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
-        drop = set(_REQUEST_DROP)
+        drop = set(_REQUEST_DROP) | {h.lower() for h in self.also_drop}
         if self.manager is not None:
             # The client's own credentials never travel alongside ours, whatever header ours is
             # injected into. (With auth type none the client's headers pass through.)
@@ -181,20 +188,34 @@ def error_response(exc: ProxyError) -> web.Response:
 class _Body:
     """The request body: sent as it arrives, and kept (up to a limit) so it can be replayed."""
 
-    __slots__ = ("_chunks", "_limit", "_request", "_size", "finished", "overflowed")
+    __slots__ = (
+        "_chunks",
+        "_limit",
+        "_max",
+        "_request",
+        "_size",
+        "finished",
+        "overflowed",
+        "too_large",
+    )
 
-    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+    def __init__(self, request: web.BaseRequest, limit: int, max_size: int | None) -> None:
         self._request = request
         self._limit = limit
+        self._max = max_size
         self._chunks: list[bytes] = []
         self._size = 0
         self.overflowed = False
         self.finished = False
+        self.too_large = False
 
     async def stream(self) -> AsyncIterator[bytes]:
         async for chunk in self._request.content.iter_chunked(_STREAM_CHUNK):
+            self._size += len(chunk)
+            if self._max is not None and self._size > self._max:
+                self.too_large = True
+                raise BodyTooLarge(f"request body is larger than {self._max} bytes")
             if not self.overflowed:
-                self._size += len(chunk)
                 if self._size <= self._limit:
                     self._chunks.append(chunk)
                 else:
@@ -215,8 +236,15 @@ class _Body:
 class Forwarder:
     """The request handler of the proxy listener."""
 
-    def __init__(self, router: Router, *, access_log_enabled: bool = False) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        access_log_enabled: bool = False,
+        guard: InboundGuard | None = None,
+    ) -> None:
         self.router = router
+        self.guard = guard
         self.access_log = access_log_enabled
         self.in_flight = 0
         self.errors: dict[str, int] = {}
@@ -239,7 +267,11 @@ class Forwarder:
             raise BadTarget("only origin-form request targets are accepted")
         if _has_dot_segment(target):
             raise BadTarget("dot segments (. and ..) are not accepted in the path")
+        if self.guard is not None:
+            self.guard.check(request)
         route, rest = self.router.match(target)
+        if route.in_flight >= route.max_concurrent:
+            raise Overloaded(f"upstream {route.name} has {route.max_concurrent} requests in flight")
         route.in_flight += 1
         try:
             return await self._forward(request, route, rest)
@@ -250,6 +282,12 @@ class Forwarder:
         self, request: web.BaseRequest, route: Route, rest: str
     ) -> web.StreamResponse:
         key = route.workspace(request)
+        if (
+            route.max_body_size is not None
+            and request.content_length is not None
+            and request.content_length > route.max_body_size
+        ):
+            raise BodyTooLarge(f"request body is larger than {route.max_body_size} bytes")
         headers = self._forward_headers(request, route)
         url = URL(route.base_url + rest, encoded=True)
 
@@ -274,7 +312,11 @@ class Forwarder:
         else:
             if expect_continue:
                 await _continue(request)
-            body = _Body(request, route.replay_max_body if request.content_length is None else -1)
+            body = _Body(
+                request,
+                route.replay_max_body if request.content_length is None else -1,
+                route.max_body_size,
+            )
 
         manager = route.manager
         token = await manager.get(key) if manager is not None else None
@@ -398,6 +440,10 @@ class Forwarder:
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
             raise UpstreamTLSError(f"TLS to upstream {route.name} failed to verify") from exc
         except aiohttp.ClientError as exc:
+            if isinstance(body, _Body) and body.too_large:
+                raise BodyTooLarge(
+                    f"request body is larger than {route.max_body_size} bytes"
+                ) from exc
             raise UpstreamUnavailable(
                 f"upstream {route.name} unreachable ({type(exc).__name__})"
             ) from exc

@@ -520,7 +520,9 @@ def test_listen_accepts_ipv6_all_interfaces_and_unix_sockets() -> None:
         (":8082", Address("0.0.0.0", 8082)),  # parsed only: nothing listens
         ("unix:/run/royalti.sock", Address(unix="/run/royalti.sock")),
     ]:
-        assert build(edit(minimal(), "listen", raw), {}, source="t").listen == address
+        data = edit(minimal(), "listen", raw)
+        data["inbound"] = {"allowed_cidrs": ["10.0.0.0/8"]}  # all interfaces need a guard
+        assert build(data, {}, source="t").listen == address
 
 
 # -- interpolation ----------------------------------------------------------------------------
