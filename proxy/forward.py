@@ -40,6 +40,7 @@ from proxy.metrics import RouteStats
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.source import SINGLE_KEY
 from proxy.tokens.token import Token
+from proxy.websocket import is_upgrade, proxy_websocket
 
 log = logging.getLogger("proxy.forward")
 access_log = logging.getLogger("proxy.access")
@@ -290,6 +291,8 @@ class Forwarder:
             raise BodyTooLarge(f"request body is larger than {route.max_body_size} bytes")
         headers = self._forward_headers(request, route)
         url = URL(route.base_url + rest, encoded=True)
+        if is_upgrade(request):
+            return await proxy_websocket(request, route, key, headers, url)
 
         # Expect: 100-continue (RFC 9110 §10.1.1) is answered here, once the request is known to
         # be acceptable; the upstream never sees it. aiohttp's low-level server leaves it to us.
