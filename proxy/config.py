@@ -201,6 +201,23 @@ class ClientLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenStoreConfig:
+    """Where tokens are kept: this process's memory, or Redis shared by every replica."""
+
+    type: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    """``redis://`` or ``rediss://`` (TLS), with user and password as Redis ACLs want them."""
+    key_prefix: str = "royalti-proxy"
+    encryption_key: SecretRef | None = None
+    """A Fernet key (32 url-safe base64-encoded bytes) that encrypts every value written."""
+    timeout: float = 0.25
+    """A request never waits on Redis longer than this; past it the local cache serves."""
+    lease: float = 15.0
+    """How long a renewal lock is held before it must be extended."""
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Address = Address(port=9090)
     enable_quit: bool = False
@@ -216,6 +233,7 @@ class Config:
     inbound: InboundConfig = InboundConfig()
     limits: ClientLimits = ClientLimits()
     tokens: TokenSettings = TokenSettings()
+    token_store: TokenStoreConfig = TokenStoreConfig()
     shutdown_timeout: float = 25.0
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
@@ -610,6 +628,32 @@ def _auth(r: _Reader, token_timeout: float) -> tuple[Auth, AuthType]:
     return auth, auth_type
 
 
+def _token_store(r: _Reader) -> TokenStoreConfig:
+    kind = r.choice("type", "memory", ("memory", "redis"))
+    store = TokenStoreConfig(
+        type=cast(Literal["memory", "redis"], kind),
+        url=r.text("url"),
+        key_prefix=r.text("key_prefix", "royalti-proxy") or "royalti-proxy",
+        encryption_key=r.secret_ref("encryption_key"),
+        timeout=r.duration("timeout", 0.25),
+        lease=r.duration("lease", 15.0),
+        ca_file=r.text("ca_file"),
+    )
+    if kind == "redis":
+        if not store.url:
+            r.problem("url", "required when type is redis")
+        elif not store.url.startswith(("redis://", "rediss://", "unix://")):
+            r.problem("url", "must be a redis://, rediss:// or unix:// URL")
+        if store.encryption_key is None:
+            r.problem("encryption_key_file", "required when type is redis (tokens are encrypted)")
+    if store.timeout <= 0 or store.lease <= 0:
+        r.problem("timeout" if store.timeout <= 0 else "lease", "must be positive")
+    if store.ca_file:
+        r.files.append(store.ca_file)
+    r.done()
+    return store
+
+
 def _inbound(r: _Reader, listen: Address) -> InboundConfig:
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for cidr in r.str_list("allowed_cidrs"):
@@ -754,6 +798,7 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
     if tokens.min_backoff > tokens.max_backoff:
         t.problem("min_backoff", "must not exceed max_backoff")
     t.done()
+    token_store = _token_store(r.child("token_store"))
     upstreams: list[UpstreamConfig] = []
     r.seen.add("upstreams")
     raw_ups = r.data.get("upstreams")
@@ -780,6 +825,7 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
         inbound=inbound,
         limits=limits,
         tokens=tokens,
+        token_store=token_store,
         shutdown_timeout=r.duration("shutdown_timeout", 25.0),
         log_format=cast(Literal["json", "text"], r.choice("log_format", "json", ("json", "text"))),
         log_level=(r.text("log_level", "INFO") or "INFO").upper(),
