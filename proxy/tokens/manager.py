@@ -33,6 +33,7 @@ from cachetools import LRUCache
 
 from proxy.clock import Clock
 from proxy.errors import CredentialRejected, TokenFetchError, TokenUnavailable
+from proxy.tokens.backoff import retry_delay
 from proxy.tokens.source import TokenSource
 from proxy.tokens.token import Token
 
@@ -248,12 +249,13 @@ class TokenManager:
         entry.failures += 1
         entry.last_error = exc.code
         self.fetches[exc.code] += 1
-        if isinstance(exc, CredentialRejected):
-            delay = self._settings.max_backoff
-        else:
-            delay = self._backoff(entry.failures)
-        if exc.retry_after is not None:
-            delay = max(delay, exc.retry_after)
+        delay = retry_delay(
+            exc,
+            entry.failures,
+            min_backoff=self._settings.min_backoff,
+            max_backoff=self._settings.max_backoff,
+            rng=self._rng,
+        )
         entry.next_attempt = now + delay
         entry.next_refresh = entry.next_attempt
         token = entry.token
@@ -278,12 +280,6 @@ class TokenManager:
             },
         )
         entry.wake.set()
-
-    def _backoff(self, failures: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random."""
-        s = self._settings
-        ceiling = min(s.max_backoff, s.min_backoff * float(2 ** min(failures - 1, 30)))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
     # -- background renewal -------------------------------------------------------------------
 
