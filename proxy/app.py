@@ -253,7 +253,14 @@ class Proxy:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        cancelled_before = self.forwarder.cancelled if self.forwarder else 0
         await self._stack.aclose()  # listeners first: they wait for requests in flight
+        cut = (self.forwarder.cancelled if self.forwarder else 0) - cancelled_before
+        if cut:
+            log.warning(
+                "requests still in flight at shutdown_timeout were cancelled",
+                extra={"event": "shutdown_cancelled", "cancelled": cut},
+            )
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)

@@ -248,6 +248,7 @@ class Forwarder:
         self.guard = guard
         self.access_log = access_log_enabled
         self.in_flight = 0
+        self.cancelled = 0
         self.errors: dict[str, int] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -257,6 +258,10 @@ class Forwarder:
         except ProxyError as exc:
             self.errors[exc.code] = self.errors.get(exc.code, 0) + 1
             return error_response(exc)
+        except asyncio.CancelledError:
+            # The client went away, or shutdown_timeout ran out: counted so shutdown can say so.
+            self.cancelled += 1
+            raise
         finally:
             self.in_flight -= 1
 

@@ -116,6 +116,9 @@ class TokenManager:
         self._settings = settings or ManagerSettings()
         self._rng = rng or random.Random()
         self._entries = _Entries(self._settings.max_entries, self)
+        # Pinned keys (the default workspaces readiness depends on) live outside the LRU, so no
+        # amount of traffic to other workspaces can evict them.
+        self._pinned: dict[str, _Entry] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         # Plain counters, read by the metrics collector at scrape time: nothing on the hot path
@@ -129,7 +132,7 @@ class TokenManager:
 
     async def get(self, key: str) -> Token:
         """The token for ``key``, fetching it (once, however many ask) when there is none."""
-        entry = self._entries.get(key)
+        entry = self._pinned.get(key) or self._entries.get(key)
         now = self._clock.monotonic()
         if entry is not None:
             entry.last_used = now
@@ -141,7 +144,7 @@ class TokenManager:
 
     def peek(self, key: str) -> Token | None:
         """The cached token for ``key`` if it is still valid, without fetching."""
-        entry = self._entries.get(key)
+        entry = self._find(key)
         if entry is None or entry.token is None:
             return None
         return entry.token if entry.token.is_valid(self._clock.monotonic()) else None
@@ -177,7 +180,7 @@ class TokenManager:
         Returns True when it was dropped. A burst of rejections of the same token drops it once,
         so it causes one renewal, not one per rejected request.
         """
-        entry = self._entries.get(key)
+        entry = self._find(key)
         if entry is None or entry.token is None or entry.token.value != token.value:
             return False
         entry.token = None
@@ -193,6 +196,12 @@ class TokenManager:
         return True
 
     # -- fetching -----------------------------------------------------------------------------
+
+    def _find(self, key: str) -> _Entry | None:
+        return self._pinned.get(key) or self._entries.get(key)
+
+    def _all(self) -> list[_Entry]:
+        return [*self._pinned.values(), *self._entries.values()]
 
     def _new_entry(self, key: str, now: float) -> _Entry:
         entry = _Entry(key=key, last_used=now)
@@ -337,14 +346,16 @@ class TokenManager:
         """Keep ``keys`` renewed whether or not they are used, and fetch them now."""
         now = self._clock.monotonic()
         for key in keys:
-            entry = self._entries.get(key) or self._new_entry(key, now)
+            entry = self._find(key) or self._new_entry(key, now)
             entry.pinned = True
+            self._entries.pop(key, None)
+            self._pinned[key] = entry
             if entry.token is None and entry.inflight is None and now >= entry.next_attempt:
                 self._start_fetch(entry)
 
     def states(self) -> list[TokenState]:
         now = self._clock.monotonic()
-        return [self._state(e, now) for e in list(self._entries.values())]
+        return [self._state(e, now) for e in self._all()]
 
     def _state(self, e: _Entry, now: float) -> TokenState:
         t = e.token
@@ -377,7 +388,7 @@ class TokenManager:
     async def wait_idle(self) -> None:
         """Wait until no fetch is in flight (for tests and for start-up readiness)."""
         while True:
-            tasks = [e.inflight for e in list(self._entries.values()) if e.inflight is not None]
+            tasks = [e.inflight for e in self._all() if e.inflight is not None]
             if not tasks:
                 return
             await asyncio.gather(*tasks, return_exceptions=True)
