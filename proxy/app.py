@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import ssl
@@ -411,6 +412,12 @@ class Proxy:
                         "listen address changes need a restart; keeping the running one",
                         extra={"event": "reload_ignored", "key": what},
                     )
+            # What the configuration says is what runs: the listeners stay where they are.
+            config = dataclasses.replace(
+                config,
+                listen=old.listen,
+                admin=dataclasses.replace(config.admin, listen=old.admin.listen),
+            )
             keep = {
                 u.name: self._upstreams[u.name]
                 for u in config.upstreams

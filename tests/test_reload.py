@@ -130,3 +130,4 @@ async def test_a_listen_address_change_is_ignored_with_a_warning(reloadable, cap
     with caplog.at_level(logging.WARNING, logger="proxy"):
         assert await proxy.reload(build(changed, {}, source="test")) is True
     assert any(getattr(r, "event", None) == "reload_ignored" for r in caplog.records)
+    assert str(proxy.config.listen) != "127.0.0.1:1"  # the running address is what is reported
