@@ -545,7 +545,9 @@ def _auth(r: _Reader, token_timeout: float) -> tuple[Auth, AuthType]:
                 None,
                 f"give one of email+password, refresh_token or api_key, not {' and '.join(modes)}",
             )
-        if email and password is None and not r.has("password_file"):
+        # An unreadable password_file has been reported already; an empty one (an unset
+        # ${VAR:-}) is no password at all.
+        if email and password is None and not r.text("password_file"):
             r.problem("password", "required with email (or password_file)")
         if password is not None and not email:
             r.problem("email", "required with password")
