@@ -27,6 +27,10 @@ class AdminTarget(Protocol):
         """Why the proxy is not ready; empty when it is."""
         ...
 
+    def readiness_notes(self) -> list[str]:
+        """Conditions worth knowing that do not make the proxy unready (a degraded store)."""
+        ...
+
     def token_status(self) -> dict[str, Any]:
         """The token-status document: never a token, refresh token or password."""
         ...
@@ -52,10 +56,12 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    reasons = request.app[TARGET].readiness()
+    target = request.app[TARGET]
+    reasons = target.readiness()
+    notes = target.readiness_notes()
     if reasons:
-        return _json({"status": "not ready", "reasons": reasons}, status=503)
-    return _json({"status": "ready", "reasons": []})
+        return _json({"status": "not ready", "reasons": reasons + notes}, status=503)
+    return _json({"status": "ready", "reasons": notes})
 
 
 async def metrics(request: web.Request) -> web.Response:

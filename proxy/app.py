@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -37,11 +37,16 @@ from proxy.config import (
 from proxy.errors import ConfigError
 from proxy.forward import Forwarder, Route, Router
 from proxy.inbound import GuardedServer, InboundGuard
-from proxy.metrics import ProxyCollector, TokenMetrics, build_info
+from proxy.metrics import ProxyCollector, TokenMetrics, TokenStoreCollector, build_info
+from proxy.store import open_store
 from proxy.tokens.manager import ManagerSettings, TokenManager
+from proxy.tokens.shared import account_of, share
 from proxy.tokens.source import SINGLE_KEY, TokenSource
 from proxy.tokens.sources.royalti import RoyaltiSource
 from proxy.tokens.sources.static import StaticSource
+
+if TYPE_CHECKING:
+    from proxy.store.redis_store import RedisStore
 
 log = logging.getLogger("proxy")
 
@@ -173,8 +178,13 @@ class Proxy:
         self._reload_source = reload_source
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self.store: RedisStore | None = None
+        """The shared token store (``token_store.type: redis``), opened by :meth:`start`."""
         self._token_metrics = TokenMetrics(self.registry)
         build_info(self.registry)
+        self.registry.register(
+            TokenStoreCollector(store=lambda: self.store, managers=lambda: self.managers)
+        )
         self.registry.register(
             ProxyCollector(
                 forwarder=lambda: self.forwarder,
@@ -187,10 +197,16 @@ class Proxy:
 
     async def start(self) -> None:
         try:
+            # Opened once for the process: token_store changes need a restart, not a reload.
+            self.store = open_store(self.config.token_store, clock=self.clock)
+            if self.store is not None:
+                await self.store.ping()  # a store that is down at start-up is logged, not fatal
             await self._start()
         except BaseException:
             await self._close_upstreams(list(self._upstreams.values()))
             await self._stack.aclose()
+            if self.store is not None:
+                await self.store.close()
             raise
 
     async def _start(self) -> None:
@@ -266,6 +282,8 @@ class Proxy:
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         await self._close_upstreams(list(self._upstreams.values()))
+        if self.store is not None:
+            await self.store.close()
 
     # -- upstreams ----------------------------------------------------------------------------
 
@@ -289,6 +307,11 @@ class Proxy:
                 )
             )
             source = build_source(up, session=token_session, clock=self.clock, tls=tls, config=cfg)
+            account = account_of(up) if self.store is not None else None
+            if source is not None and self.store is not None and account is not None:
+                source = share(
+                    source, store=self.store, upstream=up.name, account=account, clock=self.clock
+                )
             manager: TokenManager | None = None
             if source is not None:
                 source.observer = self._token_metrics.observer(up.name, source.kind)
@@ -412,9 +435,15 @@ class Proxy:
                         "listen address changes need a restart; keeping the running one",
                         extra={"event": "reload_ignored", "key": what},
                     )
-            # What the configuration says is what runs: the listeners stay where they are.
+            if old.token_store != config.token_store:
+                log.warning(
+                    "token_store changes need a restart; keeping the running store",
+                    extra={"event": "reload_ignored", "key": "token_store"},
+                )
+            # What the configuration says is what runs: the listeners (and the store) stay.
             config = dataclasses.replace(
                 config,
+                token_store=old.token_store,
                 listen=old.listen,
                 admin=dataclasses.replace(config.admin, listen=old.admin.listen),
             )
@@ -503,6 +532,10 @@ class Proxy:
                 what = f"default workspace {key}" if route.per_workspace else "its credential"
                 reasons.append(f"upstream {route.name}: no valid token for {what}{error}")
         return reasons
+
+    def readiness_notes(self) -> list[str]:
+        note = self.store.status_note() if self.store is not None else None
+        return [note] if note else []
 
     def token_status(self) -> dict[str, Any]:
         upstreams: list[dict[str, Any]] = []

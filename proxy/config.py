@@ -648,6 +648,17 @@ def _token_store(r: _Reader) -> TokenStoreConfig:
             r.problem("url", "must be a redis://, rediss:// or unix:// URL")
         if store.encryption_key is None:
             r.problem("encryption_key_file", "required when type is redis (tokens are encrypted)")
+        else:
+            from proxy.store.seal import Sealer
+
+            try:
+                Sealer.from_text(
+                    store.encryption_key.load().reveal(), where=r.where("encryption_key")
+                )
+            except ConfigError as exc:
+                r.problems.extend(exc.problems)
+            except (OSError, UnicodeDecodeError):
+                pass  # an unreadable key file is reported by secret_ref already
     if store.timeout <= 0 or store.lease <= 0:
         r.problem("timeout" if store.timeout <= 0 else "lease", "must be positive")
     if store.ca_file:

@@ -37,9 +37,11 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.tokens.manager import TokenManager, TokenState
+from proxy.tokens.shared import OUTCOMES, SharedSource
 
 if TYPE_CHECKING:
     from proxy.forward import Forwarder, Route
+    from proxy.store.redis_store import RedisStore
 
 PREFIX = "royalti_proxy"
 # The *_created series double the series count for no use on a sidecar's dashboards.
@@ -269,3 +271,49 @@ class ProxyCollector(Collector):
             yield s.key, [s]
         if rest:
             yield "other", rest
+
+
+class TokenStoreCollector(Collector):
+    """The shared token store's health, and what each upstream's fetches did with it; nothing
+    when the store is ``memory``."""
+
+    def __init__(
+        self,
+        *,
+        store: Callable[[], RedisStore | None],
+        managers: Callable[[], dict[str, TokenManager]],
+    ) -> None:
+        self._store = store
+        self._managers = managers
+
+    def collect(self) -> Iterator[Metric]:
+        store = self._store()
+        if store is None:
+            return
+        degraded = GaugeMetricFamily(
+            f"{PREFIX}_token_store_degraded",
+            "1 while the shared token store does not answer and tokens are renewed locally.",
+        )
+        degraded.add_metric([], 1.0 if store.degraded else 0.0)
+        errors = CounterMetricFamily(
+            f"{PREFIX}_token_store_errors",
+            "Calls to the shared token store that failed (timeout, connection, error) and "
+            "stored values that did not decrypt (unreadable).",
+            labels=["reason"],
+        )
+        for reason in ("timeout", "connection", "error", "unreadable"):
+            errors.add_metric([reason], store.errors[reason])
+        fetches = CounterMetricFamily(
+            f"{PREFIX}_token_store_fetches",
+            "Token fetches through the shared store, by outcome: shared or waited (adopted "
+            "another replica's token), renewed (called the token endpoint and stored the "
+            "result), fenced (lease lost: not stored), unshared (store did not answer the "
+            "write), local (store down: renewed locally).",
+            labels=["upstream", "outcome"],
+        )
+        for name, manager in self._managers().items():
+            source = manager.source
+            if isinstance(source, SharedSource):
+                for outcome in OUTCOMES:
+                    fetches.add_metric([name, outcome], source.outcomes[outcome])
+        yield from (degraded, errors, fetches)

@@ -19,6 +19,7 @@ import aiohttp
 from proxy.clock import Clock
 from proxy.errors import ConfigError, CredentialRejected, TokenFetchError
 from proxy.secret import Secret
+from proxy.tokens.shared import LOCAL, CredentialHold, CredentialStore
 from proxy.tokens.source import SINGLE_KEY, CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
 from proxy.tokens.token import Token, fingerprint, jwt_lifetime, make_token
@@ -63,6 +64,11 @@ class OAuth2Source:
     is followed by a password grant rather than by a replay). A refused refresh token
     (``invalid_grant``) is replaced by one password grant within the same fetch; an issuer that
     answers ``unsupported_grant_type`` to the refresh grant gets password grants from then on.
+
+    With a shared token store (``credential``, see :mod:`proxy.tokens.shared`) the refresh token
+    lives in the store: a fetch takes it from there under the store's lease, marking it spent
+    before sending it, and stores the new one before the lease is released; a local copy is
+    sent only if the store never had it.
 
     With ``grant="client_credentials"`` every fetch is a client-credentials grant.
 
@@ -138,6 +144,11 @@ class OAuth2Source:
         self._base_form = form
 
         self._refresh_token: Secret | None = None
+        # True when the shared store holds (or may hold) _refresh_token: the local copy is then
+        # never sent, since another replica may have sent it already.
+        self._refresh_shared = False
+        self.credential: CredentialStore = LOCAL
+        """Where the rotating refresh token is kept (set by the wiring, like ``observer``)."""
         self._refresh_supported = True
         self._lock = asyncio.Lock()
         self._warned_default_lifetime = False
@@ -181,7 +192,26 @@ class OAuth2Source:
     async def _fetch(self) -> Token:
         if self.grant == "client_credentials":
             return await self._call("client_credentials", {})
-        refresh, self._refresh_token = self._refresh_token, None
+        async with self.credential.lock() as held:
+            try:
+                return await self._owner_grant(await self._take_refresh(held))
+            finally:
+                if self._refresh_token is not None:
+                    self._refresh_shared = await held.save(
+                        self._refresh_token.reveal(), lifetime=None
+                    )
+
+    async def _take_refresh(self, held: CredentialHold) -> Secret | None:
+        """The refresh token to send, forgotten the moment it is chosen: each is sent once. The
+        store's is the newest; a local one only if the store never had it."""
+        taken = await held.take()
+        local, shared = self._refresh_token, self._refresh_shared
+        self._refresh_token, self._refresh_shared = None, False
+        if taken is not None:
+            return Secret(taken.value)
+        return None if shared else local
+
+    async def _owner_grant(self, refresh: Secret | None) -> Token:
         if refresh is not None and self._refresh_supported:
             try:
                 return await self._call("refresh_token", {"refresh_token": refresh})

@@ -8,7 +8,10 @@ most one login at a time, renewed by logging in again at about 80 % of its life,
 once (by one login, not a loop) when ``/auth/authtoken`` answers 401 because it was revoked.
 A refresh token handed in by an operator cannot be renewed: as it nears expiry we say so loudly.
 Login is rate limited (20 calls per 3 minutes per IP): failed logins back off, honour
-``Retry-After``, and every workspace waiting on a login shares the one attempt.
+``Retry-After``, and every workspace waiting on a login shares the one attempt. With a shared
+token store (``credential``, see :mod:`proxy.tokens.shared`) every replica shares it too: a login
+runs under the store's lease, and a refresh token another replica just obtained is adopted
+instead of logging in again.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import aiohttp
 from proxy.clock import Clock
 from proxy.errors import CredentialRejected, RateLimited, TokenFetchError
 from proxy.secret import Secret
+from proxy.tokens.shared import LOCAL, CredentialStore, Shared
 from proxy.tokens.source import CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
 from proxy.tokens.token import Token, jwt_lifetime, make_token
@@ -72,7 +76,12 @@ class RoyaltiSource:
         self._upstream = upstream
         self._rng = rng or random.Random()
         self.observer: FetchObserver = ignore
+        self.credential: CredentialStore = LOCAL
+        """Where the refresh token from logins is kept (set by the wiring, like ``observer``)."""
         self._refresh: Token | None = None
+        # The last refresh token held, kept after it is dropped: a replica must not adopt from
+        # the shared store the very token it is replacing.
+        self._last_refresh: str | None = None
         self._refresh_wall_iat: float | None = None
         self._refresh_renew_at: float | None = None
         self._login_task: asyncio.Task[Token] | None = None
@@ -242,9 +251,18 @@ class RoyaltiSource:
     async def _do_login(self) -> Token:
         assert self._email is not None and self._password is not None
         try:
-            token = await observed(
-                self.observer, "login", self._login_once(self._email, self._password)
-            )
+            async with self.credential.lock() as held:
+                token = self._adopt(await held.load())
+                adopted = token is not None
+                if token is None:
+                    token = await observed(
+                        self.observer, "login", self._login_once(self._email, self._password)
+                    )
+                    await held.save(
+                        token.value,
+                        lifetime=token.remaining(self._clock.monotonic()),
+                        extra={"workspaces": self.workspaces},
+                    )
         except TokenFetchError as exc:
             self._login_failures += 1
             self._last_error = exc.code
@@ -272,12 +290,27 @@ class RoyaltiSource:
             self._login_task = None
         self._login_failures = 0
         self._last_error = None
+        self._hold(token, adopted=adopted)
+        return token
+
+    async def warm(self) -> None:
+        """Take the refresh token another replica logged in for, when the shared store has a
+        fresh one, so that this replica can go on renewing by itself should the store go down.
+        Never logs in."""
+        if self._refresh is not None or not self.can_login or self._login_task is not None:
+            return
+        token = self._adopt(await self.credential.peek())
+        if token is not None:
+            self._hold(token, adopted=True)
+
+    def _hold(self, token: Token, *, adopted: bool) -> None:
         self._refresh = token
+        self._last_refresh = token.value
         self._refresh_renew_at = token.refresh_at(self._rng)
         log.info(
-            "logged in",
+            "refresh token taken from the shared store" if adopted else "logged in",
             extra={
-                "event": "login",
+                "event": "refresh_token_shared" if adopted else "login",
                 "upstream": self._upstream,
                 "fingerprint": token.fingerprint,
                 "expires_at": round(token.wall_expires_at, 3),
@@ -286,7 +319,16 @@ class RoyaltiSource:
         )
         if self._renew_task is None:
             self._renew_task = asyncio.ensure_future(self._renew_loop())
-        return token
+
+    def _adopt(self, shared: Shared | None) -> Token | None:
+        """The refresh token another replica logged in for, unless it is the one we are
+        replacing or has less than a quarter of its life left."""
+        if shared is None or not shared.fresh() or shared.value == self._last_refresh:
+            return None
+        workspaces = shared.extra.get("workspaces")
+        if isinstance(workspaces, dict):
+            self.workspaces = {str(k): str(v) for k, v in workspaces.items()}
+        return shared.token()
 
     async def _login_once(self, email: str, password: Secret) -> Token:
         requested_at, wall_at = self._clock.monotonic(), self._clock.wall()
