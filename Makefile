@@ -21,6 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The hostile-input and fault suite alone, with its summary (also part of `make test`).
+faults: $(STAMP)
+	$(PY) -m pytest -q tests/faults
+
 lint: $(STAMP)
 	$(PY) -m ruff check proxy tests
 	$(PY) -m ruff format --check proxy tests

@@ -45,7 +45,7 @@ from proxy.websocket import is_upgrade, proxy_websocket
 log = logging.getLogger("proxy.forward")
 access_log = logging.getLogger("proxy.access")
 
-#: RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the proxy sets itself. Lower case.
+#: RFC 9110 §7.6.1 hop-by-hop headers. Lower case. Every ``Proxy-*`` header is dropped too.
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -299,6 +299,10 @@ class Forwarder:
         if is_upgrade(request):
             return await proxy_websocket(request, route, key, headers, url)
 
+        # The token first: a client is never told to upload a body (100 Continue) only to get
+        # a 503 because no token can be had.
+        manager = route.manager
+        token = await manager.get(key) if manager is not None else None
         # Expect: 100-continue (RFC 9110 §10.1.1) is answered here, once the request is known to
         # be acceptable; the upstream never sees it. aiohttp's low-level server leaves it to us.
         expect = request.headers.get("Expect")
@@ -325,9 +329,6 @@ class Forwarder:
                 route.replay_max_body if request.content_length is None else -1,
                 route.max_body_size,
             )
-
-        manager = route.manager
-        token = await manager.get(key) if manager is not None else None
         resp = await self._send(route, request.method, url, headers, body, token)
         try:
             if token is not None and resp.status in route.replay_on:
@@ -400,11 +401,16 @@ class Forwarder:
         if "Connection" in request.headers:
             drop = drop | _connection_tokens(request.headers.getall("Connection"))
         out: CIMultiDict[str] = CIMultiDict()
+        # aiohttp's client keeps only the last of two names that differ in case (it dedupes
+        # case-sensitively), so repeats are added under the first spelling seen.
+        spelling: dict[str, str] = {}
         for name, value in request.headers.items():
-            if name.lower() not in drop:
-                out.add(name, value)
+            low = name.lower()
+            if low in drop or low.startswith("proxy-"):
+                continue
+            out.add(spelling.setdefault(low, name), value)
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         out["X-Forwarded-Proto"] = request.scheme
         if request.host:
@@ -463,7 +469,8 @@ class Forwarder:
         if "Connection" in resp.headers:
             drop = drop | _connection_tokens(resp.headers.getall("Connection"))
         for name, value in resp.headers.items():
-            if name.lower() not in drop:
+            low = name.lower()
+            if low not in drop and not low.startswith("proxy-"):
                 out.headers.add(name, value)
         await out.prepare(request)
         try:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import ClientNotAllowed, ClientUnauthenticated
@@ -75,10 +77,31 @@ class _GuardedHandler(RequestHandler):
             self.transport.close()
 
 
+class _BadRequests(logging.Filter):
+    """aiohttp logs every malformed request (oversized headers, ambiguous framing, ...) at ERROR
+    with a traceback: a client could flood the log that way. Those become one INFO line, event
+    ``bad_request``; any other exception keeps its ERROR and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed request refused", ()
+            record.exc_info = record.exc_text = None
+            record.__dict__.update(event="bad_request", status=exc.code, reason=exc.message[:200])
+        return True
+
+
+#: The logger aiohttp's connection handlers use for the proxy listener.
+server_log = logging.getLogger("proxy.http")
+server_log.addFilter(_BadRequests())
+
+
 class GuardedServer(web.Server):
     """``web.Server`` whose connections get a header-read deadline."""
 
     def __init__(self, handler: Any, *, header_timeout: float, **kwargs: Any) -> None:
+        kwargs.setdefault("logger", server_log)
         super().__init__(handler, **kwargs)
         self._handler_class = type(
             "_Handler", (_GuardedHandler,), {"header_timeout": header_timeout}

@@ -215,3 +215,19 @@ async def test_a_client_that_trickles_its_headers_is_disconnected_after_header_t
     assert data == b""
     writer.close()
     assert upstream["seen"] == []
+
+
+async def test_a_malformed_request_is_one_info_line_not_an_error_with_a_traceback(
+    upstream, start_proxy, http, caplog
+):
+    proxy = await start_proxy(config(upstream["url"], limits={"max_header_size": 1024}))
+    with caplog.at_level("DEBUG"):
+        status, _, _ = await _status(
+            http, proxy.addresses["proxy"] + "/x", headers={"X-Big": "v" * 4000}
+        )
+    assert status in (400, 431)
+    bad = [r for r in caplog.records if getattr(r, "event", None) == "bad_request"]
+    assert len(bad) == 1
+    assert bad[0].levelname == "INFO"
+    assert bad[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= 40]  # no ERROR, no traceback

@@ -100,8 +100,9 @@ def jwt_lifetime(
     """``(lifetime, exp)`` of a JWT, read without verifying its signature.
 
     The lifetime is ``exp - iat``: the issuer's own clock on both sides, so a skew between our
-    clock and the issuer's does not matter. Without ``iat`` we compare ``exp`` with the issuer's
-    clock as its ``Date`` header gave it (``server_time``), and only as a last resort with ours.
+    clock and the issuer's does not matter; when the issuer's ``Date`` header (``server_time``)
+    says less is left than that, the lesser wins. Without ``iat`` we compare ``exp`` with the
+    issuer's ``Date``, and only as a last resort with our own clock.
     """
     claims = _claims(value)
     exp = _number(claims, "exp")
@@ -110,6 +111,10 @@ def jwt_lifetime(
     iat = _number(claims, "iat")
     if iat is not None and iat <= exp:
         lifetime = exp - iat
+        if server_time is not None:
+            # Both on the issuer's clock, so still skew-proof: a token issued long ago (or
+            # already expired) has only what its issuer's clock says is left.
+            lifetime = min(lifetime, exp - server_time)
     else:
         lifetime = exp - (server_time if server_time is not None else local_wall)
     return lifetime, exp

@@ -93,11 +93,7 @@ async def call_token_endpoint(
                 allow_redirects=False,
                 ssl=ssl_context if ssl_context is not None else True,
             ) as resp:
-                raw = await resp.content.read(max_body + 1)
-                if len(raw) > max_body:
-                    raise TokenFetchError(
-                        "BODY_TOO_LARGE", f"token endpoint sent more than {max_body} bytes"
-                    )
+                raw = await _read_bounded(resp, max_body)
                 server_time = _server_time(resp.headers)
                 body: Any = None
                 if raw.strip():
@@ -118,6 +114,23 @@ async def call_token_endpoint(
         raise TokenFetchError(
             "NETWORK", f"token endpoint unreachable ({type(exc).__name__})"
         ) from exc
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, max_body: int) -> bytes:
+    """The whole body, however many segments it arrives in, but never more than ``max_body``
+    bytes in memory. (``StreamReader.read(n)`` returns what is buffered, not up to ``n``.)"""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.read(max_body + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_body:
+            raise TokenFetchError(
+                "BODY_TOO_LARGE", f"token endpoint sent more than {max_body} bytes"
+            )
 
 
 def status_error(resp: JsonResponse, what: str) -> TokenFetchError:
