@@ -39,7 +39,7 @@ from proxy.forward import Forwarder, Route, Router
 from proxy.inbound import GuardedServer, InboundGuard
 from proxy.metrics import ProxyCollector, TokenMetrics, TokenStoreCollector, build_info
 from proxy.store import open_store
-from proxy.tokens.manager import ManagerSettings, TokenManager
+from proxy.tokens.manager import TokenManager
 from proxy.tokens.shared import account_of, share
 from proxy.tokens.source import SINGLE_KEY, TokenSource
 from proxy.tokens.sources.royalti import RoyaltiSource
@@ -319,12 +319,7 @@ class Proxy:
                     upstream=up.name,
                     source=source,
                     clock=self.clock,
-                    settings=ManagerSettings(
-                        idle_timeout=cfg.tokens.idle_timeout,
-                        max_entries=cfg.tokens.max_entries,
-                        min_backoff=cfg.tokens.min_backoff,
-                        max_backoff=cfg.tokens.max_backoff,
-                    ),
+                    settings=cfg.tokens,
                 )
                 stack.push_async_callback(manager.close)
         except BaseException:

@@ -9,8 +9,9 @@ import random
 import pytest
 
 from proxy.clock import FakeClock, settle
+from proxy.config import TokenSettings
 from proxy.errors import CredentialRejected, RateLimited, TokenFetchError, TokenUnavailable
-from proxy.tokens.manager import ManagerSettings, TokenManager
+from proxy.tokens.manager import TokenManager
 from proxy.tokens.source import CredentialStatus
 from proxy.tokens.token import Token
 
@@ -63,7 +64,7 @@ async def manager(clock: FakeClock, source: ScriptedSource):
         upstream="u",
         source=source,
         clock=clock,
-        settings=ManagerSettings(idle_timeout=3600, max_entries=100),
+        settings=TokenSettings(idle_timeout=3600, max_entries=100),
         rng=random.Random(1),
     )
     yield m
@@ -174,7 +175,7 @@ async def test_backoff_grows_exponentially_with_jitter_up_to_the_maximum(clock, 
         upstream="u",
         source=source,
         clock=clock,
-        settings=ManagerSettings(min_backoff=1, max_backoff=300),
+        settings=TokenSettings(min_backoff=1, max_backoff=300),
         rng=random.Random(5),
     )
     try:
@@ -243,7 +244,7 @@ async def test_idle_workspaces_stop_being_renewed_and_drop_out(clock, source):
         upstream="u",
         source=source,
         clock=clock,
-        settings=ManagerSettings(idle_timeout=900),
+        settings=TokenSettings(idle_timeout=900),
         rng=random.Random(2),
     )
     try:
@@ -262,7 +263,7 @@ async def test_idle_workspaces_stop_being_renewed_and_drop_out(clock, source):
 
 async def test_pinned_keys_are_fetched_at_once_and_never_dropped_as_idle(clock, source):
     m = TokenManager(
-        upstream="u", source=source, clock=clock, settings=ManagerSettings(idle_timeout=60)
+        upstream="u", source=source, clock=clock, settings=TokenSettings(idle_timeout=60)
     )
     try:
         m.pin(["default"])
@@ -277,7 +278,7 @@ async def test_pinned_keys_are_fetched_at_once_and_never_dropped_as_idle(clock, 
 
 async def test_the_cache_is_bounded_and_evicts_least_recently_used(clock, source):
     m = TokenManager(
-        upstream="u", source=source, clock=clock, settings=ManagerSettings(max_entries=3)
+        upstream="u", source=source, clock=clock, settings=TokenSettings(max_entries=3)
     )
     try:
         for key in ("a", "b", "c", "a", "d"):

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from cachetools import LRUCache
 
 from proxy.clock import Clock
+from proxy.config import TokenSettings
 from proxy.errors import CredentialRejected, TokenFetchError, TokenUnavailable
 from proxy.tokens.backoff import retry_delay
 from proxy.tokens.source import TokenSource
@@ -39,14 +40,6 @@ from proxy.tokens.token import Token
 
 log = logging.getLogger("proxy.tokens")
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, slots=True)
-class ManagerSettings:
-    idle_timeout: float = 3600.0
-    max_entries: int = 1000
-    min_backoff: float = 1.0
-    max_backoff: float = 300.0
 
 
 @dataclass(slots=True, eq=False)
@@ -107,13 +100,13 @@ class TokenManager:
         upstream: str,
         source: TokenSource,
         clock: Clock,
-        settings: ManagerSettings | None = None,
+        settings: TokenSettings | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.upstream = upstream
         self.source = source
         self._clock = clock
-        self._settings = settings or ManagerSettings()
+        self._settings = settings or TokenSettings()
         self._rng = rng or random.Random()
         self._entries = _Entries(self._settings.max_entries, self)
         # Pinned keys (the default workspaces readiness depends on) live outside the LRU, so no

@@ -28,6 +28,7 @@ import aiohttp
 from proxy.clock import Clock
 from proxy.errors import CredentialRejected, RateLimited, TokenFetchError
 from proxy.secret import Secret
+from proxy.tokens.backoff import retry_delay
 from proxy.tokens.shared import LOCAL, CredentialStore, Shared
 from proxy.tokens.source import CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
@@ -266,14 +267,13 @@ class RoyaltiSource:
         except TokenFetchError as exc:
             self._login_failures += 1
             self._last_error = exc.code
-            ceiling = min(
-                self._max_backoff, self._min_backoff * float(2 ** min(self._login_failures - 1, 30))
+            delay = retry_delay(
+                exc,
+                self._login_failures,
+                min_backoff=self._min_backoff,
+                max_backoff=self._max_backoff,
+                rng=self._rng,
             )
-            delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
-            if isinstance(exc, CredentialRejected):
-                delay = self._max_backoff
-            if exc.retry_after is not None:
-                delay = max(delay, exc.retry_after)
             self._login_not_before = self._clock.monotonic() + delay
             log.warning(
                 "login failed",
