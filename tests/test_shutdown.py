@@ -332,3 +332,50 @@ async def test_quitquitquit_makes_the_process_exit_0(
     events = await running.log_events()
     assert "quit_requested" in events
     assert events[-1] == "stopped"
+
+
+async def test_sighup_reloads_the_configuration_and_a_broken_one_is_rejected(
+    run_proxy: RunProxy, tmp_path: Path
+) -> None:
+    fake = FakeRoyalti()
+    runner, url = await start_fake(fake)
+    try:
+        data = royalti_config(url, default_workspace=WS[0])
+        running = await run_proxy(data)
+        config = tmp_path / "proxy.yaml"
+        written = yaml.safe_load(config.read_text())
+        # A second route, under /extra, with an API key.
+        written["upstreams"].append(
+            {
+                "name": "extra",
+                "url": url,
+                "path_prefix": "/extra",
+                "auth": {"type": "royalti", "api_key": "RWAK-demo-key"},
+            }
+        )
+        config.write_text(yaml.safe_dump(written))
+        running.proc.send_signal(signal.SIGHUP)
+        async with aiohttp.ClientSession() as http:
+
+            async def extra_route_served() -> bool:
+                async with http.get(running.proxy + "/extra/user/") as resp:
+                    return resp.status == 200
+
+            await poll(extra_route_served, "the reloaded route")
+            config.write_text("upstreams: not-a-list\n")
+            running.proc.send_signal(signal.SIGHUP)
+
+            async def rejected() -> bool:
+                return "reload_rejected" in await running.log_events()
+
+            await poll(rejected, "the broken configuration to be rejected")
+            async with http.get(running.proxy + "/extra/user/") as resp:
+                assert resp.status == 200  # the running configuration was kept
+        assert fake.login_calls == 1  # the unchanged Royalti upstream kept its tokens
+        running.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(running.proc.wait(), DEADLINE) == 0
+    finally:
+        await runner.cleanup()
+    events = await running.log_events()
+    assert events.count("reload_requested") == 2
+    assert "reloaded" in events
