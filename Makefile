@@ -25,6 +25,10 @@ test: $(STAMP)
 faults: $(STAMP)
 	$(PY) -m pytest -q tests/faults
 
+# The benchmark suite: a table on stdout, JSON in bench-results/ (see docs/performance.md).
+bench: $(STAMP)
+	$(PY) bench/run.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check proxy tests
 	$(PY) -m ruff format --check proxy tests

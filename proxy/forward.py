@@ -7,11 +7,12 @@ Everything a request needs that does not depend on the request is resolved into 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -68,9 +69,22 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-host",
 }
 #: Headers aiohttp's client would otherwise add on its own: the upstream must see the client's.
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (h, None) for h in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+)
 _STREAM_CHUNK = 64 * 1024
 _LARGE_BYTES = 1024 * 1024
+
+
+class ExactHeadersRequest(aiohttp.ClientRequest):
+    """A client request that adds none of aiohttp's own headers (``Accept``,
+    ``Accept-Encoding``, ``User-Agent``, a default ``Content-Type``): the upstream sees
+    the client's. What ``skip_auto_headers=`` does, without building that set into a new
+    multidict and copying the request's headers again on every request (7 % more
+    throughput: docs/performance.md). The session's ``request_class``."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _NO_AUTO_HEADERS
 
 
 @dataclass(slots=True)
@@ -173,6 +187,13 @@ def _has_dot_segment(target: str) -> bool:
 def _connection_tokens(values: list[str]) -> frozenset[str]:
     """The header names listed by every ``Connection`` field line (RFC 9110 §7.6.1)."""
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+@functools.lru_cache(maxsize=64)
+def _drop_also(drop: frozenset[str], connection: tuple[str, ...]) -> frozenset[str]:
+    """``drop`` plus the headers ``connection`` names. Cached: nearly every message says
+    ``Connection: keep-alive`` or ``close``, so on the hot path this is a dict look-up."""
+    return drop | _connection_tokens(list(connection))
 
 
 async def _continue(request: web.BaseRequest) -> None:
@@ -399,7 +420,7 @@ class Forwarder:
     def _forward_headers(request: web.BaseRequest, route: Route) -> CIMultiDict[str]:
         drop = route.drop
         if "Connection" in request.headers:
-            drop = drop | _connection_tokens(request.headers.getall("Connection"))
+            drop = _drop_also(drop, tuple(request.headers.getall("Connection")))
         out: CIMultiDict[str] = CIMultiDict()
         # aiohttp's client keeps only the last of two names that differ in case (it dedupes
         # case-sensitively), so repeats are added under the first spelling seen.
@@ -445,7 +466,6 @@ class Forwarder:
                 data=data,
                 allow_redirects=False,
                 timeout=route.timeout,
-                skip_auto_headers=_SKIP_AUTO,
             )
             route.stats.duration.observe(time.perf_counter() - start)
             return resp
@@ -467,12 +487,17 @@ class Forwarder:
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         drop = HOP_BY_HOP
         if "Connection" in resp.headers:
-            drop = drop | _connection_tokens(resp.headers.getall("Connection"))
+            drop = _drop_also(drop, tuple(resp.headers.getall("Connection")))
         for name, value in resp.headers.items():
             low = name.lower()
             if low not in drop and not low.startswith("proxy-"):
                 out.headers.add(name, value)
         await out.prepare(request)
+        if resp.content.is_eof():
+            # The whole body has already arrived (any small response): it leaves with the
+            # headers in one write, without the async iterator.
+            await out.write_eof(resp.content.read_nowait())
+            return out
         try:
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)

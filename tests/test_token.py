@@ -64,7 +64,8 @@ def test_expiry_counts_from_when_the_token_was_requested_minus_a_safety_margin()
 
 def test_the_safety_margin_scales_down_for_short_lifetimes():
     assert safety_margin(21_600) == 1.0
-    assert safety_margin(2.0) == pytest.approx(0.2)
+    assert safety_margin(3.0) == 1.0
+    assert safety_margin(1.5) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("lifetime", [2.0, 10.0, 100.0, 600.0, 21_600.0, 86_400.0])

@@ -71,10 +71,10 @@ class Token:
 def safety_margin(lifetime: float) -> float:
     """How much earlier than the issuer says we stop trusting a token.
 
-    ``iat`` and ``exp`` are whole seconds, so a token may expire up to a second early: keep
-    one second, but never more than a tenth of a short lifetime.
+    ``iat`` and ``exp`` are whole seconds, so a token may really expire up to a second before
+    ``exp - iat`` says: keep one second, and a third of lifetimes shorter than three seconds.
     """
-    return min(1.0, lifetime * 0.1)
+    return min(1.0, lifetime / 3)
 
 
 def _claims(value: str) -> dict[str, Any]:
