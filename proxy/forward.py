@@ -287,6 +287,8 @@ class Forwarder:
             self.in_flight -= 1
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.guard is not None:
+            self.guard.check(request)  # before anything else: strangers learn nothing
         target = request.raw_path
         # Origin-form only (RFC 9112 §3.2.1): an absolute-form or authority-form target naming
         # another host must never make us connect anywhere but the configured upstream.
@@ -294,8 +296,6 @@ class Forwarder:
             raise BadTarget("only origin-form request targets are accepted")
         if _has_dot_segment(target):
             raise BadTarget("dot segments (. and ..) are not accepted in the path")
-        if self.guard is not None:
-            self.guard.check(request)
         route, rest = self.router.match(target)
         if route.in_flight >= route.max_concurrent:
             raise Overloaded(f"upstream {route.name} has {route.max_concurrent} requests in flight")
