@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.app import Proxy
 from proxy.clock import FakeClock
@@ -20,6 +21,7 @@ PASSWORD = "correct-horse"
 WS = ("786acdf7-fa3e-4ab2-91d5-13f0b6a8ad97", "ws-beta", "ws-gamma", "ws-delta")
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
+Serve = Callable[[web.Application], Awaitable[str]]
 
 
 @pytest.fixture
@@ -64,6 +66,27 @@ async def start_proxy(clock: FakeClock) -> AsyncIterator[ProxyFactory]:
     yield factory
     for proxy in reversed(started):
         await proxy.stop()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """``await serve(app)``: an upstream of the test's own on a free loopback port. It keeps
+    bodies as sent (no decompression) and cancels a handler whose client went away."""
+    runners: list[web.AppRunner] = []
+
+    async def _serve(app: web.Application) -> str:
+        runner = web.AppRunner(
+            app, handler_cancellation=True, auto_decompress=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield _serve
+    for runner in reversed(runners):
+        await runner.cleanup()
 
 
 @pytest.fixture

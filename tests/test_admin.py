@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -24,12 +23,11 @@ from proxy.clock import FakeClock
 from proxy.errors import ERROR_HEADER
 from proxy.fake_royalti import FakeRoyalti
 from tests.binaries import require_binary
-from tests.conftest import PASSWORD, WS, ProxyFactory, royalti_config, run_for
+from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, royalti_config, run_for
 
 JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 HEX8 = re.compile(r"[0-9a-f]{8}")
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
-Serve = Callable[[web.Application], Awaitable[str]]
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -75,24 +73,6 @@ def sample(proxy: Proxy, name: str, **labels: str) -> float | None:
 
 def bearer(authorization: str) -> str:
     return authorization.removeprefix("Bearer ")
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """``await serve(app)``: an upstream of the test's own on a free loopback port."""
-    runners: list[web.AppRunner] = []
-
-    async def _serve(app: web.Application) -> str:
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    yield _serve
-    for runner in reversed(runners):
-        await runner.cleanup()
 
 
 async def ready_proxy(start_proxy: ProxyFactory, data: dict[str, Any]) -> Proxy:

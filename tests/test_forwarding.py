@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,31 +24,12 @@ from yarl import URL
 from proxy.app import Proxy
 from proxy.errors import ERROR_HEADER
 from proxy.fake_royalti import FakeRoyalti
-from tests.conftest import PASSWORD, WS, ProxyFactory, royalti_config
+from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, royalti_config
 
 STATIC_TOKEN = "t0k3n"
-Serve = Callable[[web.Application], Awaitable[str]]
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """``await serve(app)``: a real upstream of the test's own on a free loopback port."""
-    runners: list[web.AppRunner] = []
-
-    async def _serve(app: web.Application) -> str:
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    yield _serve
-    for runner in reversed(runners):
-        await runner.cleanup()
 
 
 def static_config(url: str, **upstream: Any) -> dict[str, Any]:

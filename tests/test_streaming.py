@@ -9,7 +9,7 @@ import hashlib
 import random
 import resource
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,34 +19,12 @@ from yarl import URL
 
 from proxy.app import Proxy
 from proxy.fake_royalti import FakeRoyalti, csv_bytes
-from tests.conftest import WS, ProxyFactory, royalti_config
+from tests.conftest import WS, ProxyFactory, Serve, royalti_config
 
 MiB = 1024 * 1024
 BIG = 200 * MiB
 MEMORY_BOUND = 64 * MiB
 STATIC_TOKEN = "t0k3n"
-Serve = Callable[[web.Application], Awaitable[str]]
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """``await serve(app)``: a real upstream of the test's own on a free loopback port. Request
-    bodies are not decompressed, and a client that goes away cancels its handler."""
-    runners: list[web.AppRunner] = []
-
-    async def _serve(app: web.Application) -> str:
-        runner = web.AppRunner(
-            app, handler_cancellation=True, auto_decompress=False, shutdown_timeout=1.0
-        )
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    yield _serve
-    for runner in reversed(runners):
-        await runner.cleanup()
 
 
 def static_config(url: str) -> dict[str, Any]:
