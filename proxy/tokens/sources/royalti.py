@@ -147,10 +147,9 @@ class RoyaltiSource:
         value = _dig(resp.body, "data", "access_token")
         if not isinstance(value, str) or not value:
             raise TokenFetchError("BAD_RESPONSE", "authtoken response has no data.access_token")
-        lifetime, _ = jwt_lifetime(value, server_time=resp.server_time, local_wall=wall_at)
-        return make_token(
+        return _jwt_token(
             value,
-            lifetime=lifetime,
+            reference_time=resp.server_time,
             requested_at=requested_at,
             wall_requested_at=wall_at,
             what="royalti access token",
@@ -197,15 +196,14 @@ class RoyaltiSource:
                 "REFRESH_TOKEN_EXPIRED", "the handed-in refresh token has expired"
             )
         try:
-            lifetime, exp = jwt_lifetime(value, server_time=None, local_wall=self._clock.wall())
-            # Handed in some time after it was issued: what is left is exp minus now (our clock;
-            # the only reference we have), never more than its whole lifetime.
-            left = min(lifetime, exp - self._clock.wall())
-            token = make_token(
+            # Handed in some time after it was issued: what is left is exp minus now, on our
+            # clock (the only reference we have), never more than its whole lifetime.
+            now = self._clock.wall()
+            token = _jwt_token(
                 value,
-                lifetime=left,
+                reference_time=now,
                 requested_at=self._clock.monotonic(),
-                wall_requested_at=self._clock.wall(),
+                wall_requested_at=now,
                 what="handed-in refresh token",
             )
         except TokenFetchError as exc:
@@ -357,10 +355,9 @@ class RoyaltiSource:
                 for w in workspaces
                 if isinstance(w, dict) and (w.get("workspaceId") or w.get("id"))
             }
-        lifetime, _ = jwt_lifetime(value, server_time=resp.server_time, local_wall=wall_at)
-        return make_token(
+        return _jwt_token(
             value,
-            lifetime=lifetime,
+            reference_time=resp.server_time,
             requested_at=requested_at,
             wall_requested_at=wall_at,
             what="royalti refresh token",
@@ -399,6 +396,26 @@ class RoyaltiSource:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+def _jwt_token(
+    value: str,
+    *,
+    reference_time: float | None,
+    requested_at: float,
+    wall_requested_at: float,
+    what: str,
+) -> Token:
+    """A Royalti JWT as a :class:`Token`. ``reference_time`` is the issuer's clock (its ``Date``
+    header), or ours for a token handed in: the lifetime never exceeds ``exp`` minus it."""
+    lifetime, _ = jwt_lifetime(value, server_time=reference_time, local_wall=wall_requested_at)
+    return make_token(
+        value,
+        lifetime=lifetime,
+        requested_at=requested_at,
+        wall_requested_at=wall_requested_at,
+        what=what,
+    )
 
 
 def _dig(body: Any, *path: str) -> Any:
