@@ -3,8 +3,13 @@ starts the real proxy (on a free loopback port) in front of it."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +24,8 @@ from proxy.fake_royalti import FakeRoyalti, start_fake
 EMAIL = "ops@example.com"
 PASSWORD = "correct-horse"
 WS = ("786acdf7-fa3e-4ab2-91d5-13f0b6a8ad97", "ws-beta", "ws-gamma", "ws-delta")
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 Serve = Callable[[web.Application], Awaitable[str]]
@@ -102,3 +109,29 @@ async def run_for(clock: FakeClock, proxy: Proxy, seconds: float, step: float) -
         await clock.advance(min(step, end - clock.monotonic()))
         for manager in proxy.managers.values():
             await manager.wait_idle()
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def spawn_proxy(config: Path, log: Path) -> asyncio.subprocess.Process:
+    """``python -m proxy run --config CONFIG`` as a real process, its output in ``log``, with no
+    ``ROYALTI_*`` variable of this environment leaking into it."""
+    with log.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "run",
+            "--config",
+            str(config),
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("ROYALTI_")},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,14 +23,9 @@ import aiohttp
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import free_port, spawn_proxy
+
 POLL = 0.05
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def poll(condition: Callable[[], Awaitable[bool]], what: str, deadline: float = 20.0) -> None:
@@ -150,20 +143,7 @@ async def start_replicas(
         config = tmp / f"replica{i}.yaml"
         config.write_text(yaml.safe_dump(data))
         log = tmp / f"replica{i}.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "proxy",
-                "run",
-                "--config",
-                str(config),
-                cwd=ROOT,
-                env={k: v for k, v in os.environ.items() if not k.startswith("ROYALTI_")},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
+        proc = await spawn_proxy(config, log)
         procs.append(proc)
         replicas.append(
             Replica(proc, f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}", log)

@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import io
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from yarl import URL
 from proxy.app import Proxy
 from proxy.errors import ERROR_HEADER
 from proxy.fake_royalti import FakeRoyalti
-from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, royalti_config
+from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, free_port, royalti_config
 
 STATIC_TOKEN = "t0k3n"
 
@@ -140,14 +139,6 @@ async def raw_exchange(base: str, request: bytes) -> RawResponse:
         return await read_response(reader)
     finally:
         writer.close()
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # -- the request as sent ----------------------------------------------------------------------

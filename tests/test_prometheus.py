@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,17 +17,11 @@ from yarl import URL
 
 from proxy.app import Proxy
 from tests.binaries import require_binary
-from tests.conftest import WS, ProxyFactory, royalti_config
+from tests.conftest import WS, ProxyFactory, free_port, royalti_config
 
 DEADLINE = 60.0
 POLL = 0.2
 EXPIRY = "royalti_proxy_token_expiry_timestamp_seconds"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

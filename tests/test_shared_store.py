@@ -37,9 +37,8 @@ from proxy.store.redis_store import RedisStore
 from proxy.store.seal import Sealer
 from proxy.tokens.shared import SharedSource
 from tests.binaries import require_binary
-from tests.conftest import WS, ProxyFactory, royalti_config
+from tests.conftest import ROOT, WS, ProxyFactory, royalti_config
 from tests.store_helpers import (
-    ROOT,
     RedisServer,
     Replica,
     poll,

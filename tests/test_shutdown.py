@@ -12,10 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,19 +25,12 @@ import yaml
 from aiohttp import web
 
 from proxy.fake_royalti import FakeRoyalti, start_fake
-from tests.conftest import WS, royalti_config
+from tests.conftest import WS, free_port, royalti_config, spawn_proxy
 
-ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 30.0
 POLL = 0.2
 CHUNK = b"x" * 64 * 1024
 CHUNKS = 32  # 2 MiB
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def poll(
@@ -143,20 +133,7 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[RunProxy]:
         config = tmp_path / "proxy.yaml"
         config.write_text(yaml.safe_dump(data))
         log = tmp_path / "proxy.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "proxy",
-                "run",
-                "--config",
-                str(config),
-                cwd=ROOT,
-                env={k: v for k, v in os.environ.items() if not k.startswith("ROYALTI_")},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
+        proc = await spawn_proxy(config, log)
         procs.append(proc)
         running = Running(
             proc,
