@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy import readtimeout
 from proxy.admin import build_admin, iso
 from proxy.clock import Clock, SystemClock
 from proxy.config import (
@@ -301,9 +302,11 @@ class Proxy:
         stack = contextlib.AsyncExitStack()
         try:
             tls = ssl_context(up.tls)
+            connector = aiohttp.TCPConnector(limit=up.max_connections, ssl=tls)
+            readtimeout.install(connector)  # timeouts.read without a timer per chunk
             session = await stack.enter_async_context(
                 aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=up.max_connections, ssl=tls),
+                    connector=connector,
                     auto_decompress=False,  # bytes pass through as the upstream sent them
                     request_class=ExactHeadersRequest,  # headers as the client sent them
                     # Never keep one client's cookies to send them with another's requests.
