@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -86,6 +87,27 @@ class ExactHeadersRequest(aiohttp.ClientRequest):
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
         self._skip_auto_headers = _NO_AUTO_HEADERS
 
+    def update_headers(self, headers: LooseHeaders | None) -> None:
+        # aiohttp's own copies the headers one by one in Python, to handle a Host header among
+        # them. The forwarder never passes one (it drops the client's): one C-level extend.
+        if not isinstance(headers, CIMultiDict) or "Host" in headers:
+            super().update_headers(headers)
+            return
+        host = self.url.host_port_subcomponent
+        assert host is not None  # an absolute URL: the upstream's
+        out: CIMultiDict[str] = CIMultiDict(Host=host)
+        out.extend(headers)
+        self.headers = out
+
+
+class _OneWriteResponse(web.StreamResponse):
+    """A response whose head waits for its first body bytes, so that both leave in one write
+    (one TCP segment, one wake-up of the client) instead of two, as ``web.Response`` does.
+    Used when body bytes are already there; a response whose body has not started yet
+    sends its head at once (a client waiting on a slow stream sees the status early)."""
+
+    _send_headers_immediately = False
+
 
 @dataclass(slots=True)
 class Route:
@@ -118,6 +140,9 @@ class Route:
     """Requests using this route now (a replaced route is closed only when this is 0)."""
     stats: RouteStats = field(default_factory=RouteStats)
     """Counters read by the metrics collector."""
+    header_names: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    """Request header name as received -> :meth:`classify`'s verdict, so that filtering the
+    headers costs one look-up per header."""
     _pre: str = field(default="", init=False, repr=False)
     _post: str = field(default="", init=False, repr=False)
 
@@ -131,6 +156,19 @@ class Route:
             drop.add(self.workspace_header.lower())
         self.drop = frozenset(drop)
         self._pre, _, self._post = self.inject_format.partition("{token}")
+
+    def classify(self, name: str) -> str:
+        """Request header ``name`` in lower case, or ``""`` when it is never forwarded
+        (hop-by-hop, ``Proxy-*``, the workspace header, the client's own credentials).
+        Remembered in :attr:`header_names`, which starts again when it grows too large."""
+        low = name.lower()
+        if low in self.drop or low.startswith("proxy-"):
+            low = ""
+        names = self.header_names
+        if len(names) >= _NAME_CACHE_SIZE:
+            names.clear()  # bounded: header names are the clients' to choose
+        names[name] = low
+        return low
 
     def credential(self, token: Token) -> str:
         return f"{self._pre}{token.value}{self._post}"
@@ -190,10 +228,27 @@ def _connection_tokens(values: list[str]) -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _drop_also(drop: frozenset[str], connection: tuple[str, ...]) -> frozenset[str]:
-    """``drop`` plus the headers ``connection`` names. Cached: nearly every message says
-    ``Connection: keep-alive`` or ``close``, so on the hot path this is a dict look-up."""
-    return drop | _connection_tokens(list(connection))
+def _connection_extra(drop: frozenset[str], connection: tuple[str, ...]) -> frozenset[str]:
+    """The headers ``connection`` names that ``drop`` does not already hold. Cached: nearly
+    every message says ``Connection: keep-alive`` or ``close`` (an empty result), so on the hot
+    path this is a dict look-up."""
+    return _connection_tokens(list(connection)) - drop
+
+
+#: How many distinct header names a cache of spellings holds before it starts again.
+_NAME_CACHE_SIZE = 512
+
+#: Response header name (as received) -> whether it is passed on to the client.
+_response_names: dict[str, bool] = {}
+
+
+def _passes_response_header(name: str) -> bool:
+    low = name.lower()
+    keep = low not in HOP_BY_HOP and not low.startswith("proxy-")
+    if len(_response_names) >= _NAME_CACHE_SIZE:
+        _response_names.clear()  # bounded: header names are the upstream's to choose
+    _response_names[name] = keep
+    return keep
 
 
 async def _continue(request: web.BaseRequest) -> None:
@@ -323,7 +378,9 @@ class Forwarder:
         # The token first: a client is never told to upload a body (100 Continue) only to get
         # a 503 because no token can be had.
         manager = route.manager
-        token = await manager.get(key) if manager is not None else None
+        token = None
+        if manager is not None:
+            token = manager.cached(key) or await manager.get(key)
         # Expect: 100-continue (RFC 9110 §10.1.1) is answered here, once the request is known to
         # be acceptable; the upstream never sees it. aiohttp's low-level server leaves it to us.
         expect = request.headers.get("Expect")
@@ -418,24 +475,33 @@ class Forwarder:
 
     @staticmethod
     def _forward_headers(request: web.BaseRequest, route: Route) -> CIMultiDict[str]:
-        drop = route.drop
-        if "Connection" in request.headers:
-            drop = _drop_also(drop, tuple(request.headers.getall("Connection")))
+        headers = request.headers
+        extra: frozenset[str] = frozenset()
+        if "Connection" in headers:
+            extra = _connection_extra(route.drop, tuple(headers.getall("Connection")))
+        names = route.header_names
         out: CIMultiDict[str] = CIMultiDict()
         # aiohttp's client keeps only the last of two names that differ in case (it dedupes
         # case-sensitively), so repeats are added under the first spelling seen.
         spelling: dict[str, str] = {}
-        for name, value in request.headers.items():
-            low = name.lower()
-            if low in drop or low.startswith("proxy-"):
-                continue
-            out.add(spelling.setdefault(low, name), value)
+        for name, value in headers.items():
+            low = names.get(name)
+            if low is None:
+                low = route.classify(name)
+            if low and not (extra and low in extra):
+                out.add(spelling.setdefault(low, name), value)
         peer = request.remote or ""
-        prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        out["X-Forwarded-Proto"] = request.scheme
-        if request.host:
-            out["X-Forwarded-Host"] = request.host
+        prior = headers.get("X-Forwarded-For")
+        if prior is not None:
+            prior = ", ".join(headers.getall("X-Forwarded-For"))
+            peer = f"{prior}, {peer}" if prior else peer
+        out.add("X-Forwarded-For", peer)
+        out.add("X-Forwarded-Proto", request.scheme)
+        # The client's Host header as sent (request.host would fall back to this machine's
+        # name, looked up in DNS, when there is none).
+        host = headers.get("Host")
+        if host:
+            out.add("X-Forwarded-Host", host)
         return out
 
     async def _send(
@@ -484,22 +550,37 @@ class Forwarder:
 
     @staticmethod
     async def _relay(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> web.StreamResponse:
-        out = web.StreamResponse(status=resp.status, reason=resp.reason)
-        drop = HOP_BY_HOP
-        if "Connection" in resp.headers:
-            drop = _drop_also(drop, tuple(resp.headers.getall("Connection")))
-        for name, value in resp.headers.items():
-            low = name.lower()
-            if low not in drop and not low.startswith("proxy-"):
-                out.headers.add(name, value)
+        content = resp.content
+        try:
+            first = content.read_nowait()  # what has arrived with the headers, without waiting
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            first = b""  # the loop below meets the same error, and aborts
+        complete = content.is_eof()
+        cls = _OneWriteResponse if first or complete else web.StreamResponse
+        out = cls(status=resp.status, reason=resp.reason)
+        headers = resp.headers
+        extra: frozenset[str] = frozenset()
+        if "Connection" in headers:
+            extra = _connection_extra(HOP_BY_HOP, tuple(headers.getall("Connection")))
+        names = _response_names
+        kept = []
+        for item in headers.items():
+            keep = names.get(item[0])
+            if keep is None:
+                keep = _passes_response_header(item[0])
+            if keep and not (extra and item[0].lower() in extra):
+                kept.append(item)
+        out.headers.extend(kept)
         await out.prepare(request)
-        if resp.content.is_eof():
+        if complete:
             # The whole body has already arrived (any small response): it leaves with the
             # headers in one write, without the async iterator.
-            await out.write_eof(resp.content.read_nowait())
+            await out.write_eof(first)
             return out
         try:
-            async for chunk in resp.content.iter_any():
+            if first:
+                await out.write(first)  # with the headers, in one write
+            async for chunk in content.iter_any():
                 await out.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             # Never let a truncated body look complete: abort the client's connection instead of

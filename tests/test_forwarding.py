@@ -267,6 +267,22 @@ async def test_client_authorization_is_replaced_and_unknown_headers_pass_through
     assert fake.tokens_seen[-1] == auth
 
 
+async def test_headers_pass_through_however_many_distinct_names_clients_send(
+    fake_url: str, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(with_workspace(fake_url))
+    (route,) = proxy.routes
+    for batch in range(12):  # 960 names never seen before: the cache of names stays bounded
+        sent = [(f"X-Custom-{batch}-{i}", str(i)) for i in range(80)]
+        sent.append(("Proxy-Authorization", "Basic c2VjcmV0"))  # dropped, cached or not
+        echoed = await echo(http, proxy, "/echo", headers=CIMultiDict(sent))
+        got = [(k, v) for k, v in echoed["headers"] if k.lower().startswith("x-custom-")]
+        assert got == sent[:-1]
+        assert header(echoed, "Proxy-Authorization") == []
+        assert len(route.header_names) <= 512
+    assert route.header_names  # and it is in use
+
+
 async def test_forwarded_headers_are_added_and_host_is_the_upstreams(
     fake_url: str, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -276,6 +292,18 @@ async def test_forwarded_headers_are_added_and_host_is_the_upstreams(
     assert header(echoed, "X-Forwarded-For") == ["203.0.113.7, 127.0.0.1"]
     assert header(echoed, "X-Forwarded-Proto") == ["http"]
     assert header(echoed, "X-Forwarded-Host") == [URL(proxy.addresses["proxy"]).raw_authority]
+
+
+async def test_a_request_without_host_gets_no_forwarded_host(
+    fake_url: str, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(with_workspace(fake_url))
+    resp = await raw_exchange(proxy.addresses["proxy"], b"GET /echo HTTP/1.0\r\n\r\n")
+    assert resp.status == 200, resp.body
+    echoed = json.loads(resp.body)
+    # Not this machine's own name, which aiohttp's request.host would have looked up.
+    assert header(echoed, "X-Forwarded-Host") == []
+    assert header(echoed, "X-Forwarded-For") == ["127.0.0.1"]
 
 
 async def test_hop_by_hop_request_headers_are_not_forwarded(
@@ -396,6 +424,40 @@ async def test_upstream_status_and_body_reach_the_client_unchanged(
         assert resp.status == status
         assert await resp.read() == expected
         assert ERROR_HEADER not in resp.headers
+
+
+async def test_a_small_response_leaves_the_proxy_in_one_write_head_and_body_together(
+    serve: Serve, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = json.dumps({"data": [{"id": n} for n in range(20)]}).encode()
+    async def small(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/small", small)
+    proxy = await start_proxy(static_config(await serve(app)))
+    port = URL(proxy.addresses["proxy"]).port
+    # Every write on a socket whose local end is the proxy's listener: what its clients get.
+    writes: list[bytes] = []
+    transport_class = asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+    original = transport_class.write
+
+    def write(self: asyncio.Transport, data: bytes) -> None:
+        if self.get_extra_info("sockname")[1] == port:
+            writes.append(bytes(data))
+        original(self, data)
+
+    monkeypatch.setattr(transport_class, "write", write)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /small HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        response = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert response.endswith(b"\r\n\r\n" + body)
+    # Two writes would be two segments and two wake-ups of the client for one response.
+    assert writes == [response]
 
 
 async def auth_of(fake: FakeRoyalti) -> dict[str, str]:

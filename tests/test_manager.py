@@ -109,6 +109,25 @@ async def test_a_warm_key_is_served_from_cache_without_waiting(manager, source):
     assert len(source.calls) == 1
 
 
+async def test_cached_is_the_valid_cached_token_or_none_and_never_fetches(clock, manager, source):
+    assert manager.cached("ws") is None  # nothing yet, and asking does not start a fetch
+    assert source.calls == []
+    token = await manager.get("ws")
+    hits = manager.hits
+    assert manager.cached("ws") is token
+    assert manager.hits == hits + 1
+    manager.invalidate("ws", token)
+    assert manager.cached("ws") is None
+    fresh = await manager.get("ws")
+    source.failures = [TokenFetchError("HTTP_500", "down")] * 1000  # no renewal comes
+    await advance(clock, manager, 0.9 * 600, 1)
+    assert manager.cached("ws") is fresh  # still valid: served while renewals fail
+    await advance(clock, manager, 0.1 * 600, 1)
+    calls = len(source.calls)
+    assert manager.cached("ws") is None  # expired: too late to hand out
+    assert len(source.calls) == calls
+
+
 async def test_refresh_ahead_renews_before_expiry_so_no_request_ever_waits(clock, manager, source):
     first = await manager.get("ws")
     waits = manager.waits

@@ -135,6 +135,20 @@ class TokenManager:
                 return token
         return await self._get_slow(key, entry, now)
 
+    def cached(self, key: str) -> Token | None:
+        """:meth:`get`'s fast path without a coroutine: the cached token for ``key`` while it is
+        valid, else None (then ``await get(key)``)."""
+        entry = self._pinned.get(key) or self._entries.get(key)
+        if entry is None:
+            return None
+        token = entry.token
+        now = self._clock.monotonic()
+        if token is None or now >= token.expires_at:
+            return None
+        entry.last_used = now
+        self.hits += 1
+        return token
+
     def peek(self, key: str) -> Token | None:
         """The cached token for ``key`` if it is still valid, without fetching."""
         entry = self._find(key)
