@@ -11,6 +11,15 @@ by Debian). Requests go over a pool of keep-alive connections; at a few hundred 
 generator is nowhere near its own limit. The number of requests and the wait for stragglers are
 both bounded.
 
+``interleave`` measures latency at one connection for several servers at once, without
+letting them disturb each other: one keep-alive connection to each, and one request in flight in
+all, sent to each server in turn (A, B, C, A, B, C, ...). Every server sees one connection and
+one request at a time, exactly as under ``wrk -c1``, while the slow drifts of a shared machine
+(tens of percent over seconds) fall on all of them alike, which back-to-back runs cannot give.
+A blocking socket and a pre-built request keep the client's own cost small and the same for
+every server; it is in every figure, including the upstream's own, so the added latency (through
+a forwarder minus straight to the upstream) does not contain it.
+
 ``burst`` opens N connections and sends N requests at once, spread round-robin over W
 workspaces (named in a header): the cold-start test.
 
@@ -22,7 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
+import statistics
+import time
 from collections import Counter
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -110,6 +123,70 @@ async def burst(url: str, n: int, workspaces: int, header: str) -> dict[str, obj
     return {"requests": n, "statuses": dict(statuses), **percentiles(latencies)}
 
 
+def interleave(urls: list[str], duration: float, headers: list[str]) -> dict[str, object]:
+    """One request at a time, to each of ``urls`` in turn (the order reversed every 50 turns),
+    for ``duration`` seconds; per URL, in order: requests, errors, p50, p90 and mean latency."""
+    conns = []
+    for url in urls:
+        u = urlsplit(url)
+        host, port = u.hostname or "127.0.0.1", u.port or 80
+        sock = socket.create_connection((host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = [f"GET {u.path or '/'} HTTP/1.1", f"Host: {host}:{port}", *headers]
+        conns.append((sock, ("\r\n".join(head) + "\r\n\r\n").encode()))
+    lat: list[list[int]] = [[] for _ in urls]
+    bad = [0 for _ in urls]
+    clock = time.perf_counter_ns
+    # Warm-up, not counted: connections, caches, the forwarders' upstream pools.
+    for _ in range(200):
+        for sock, req in conns:
+            _exchange(sock, req)
+    end = time.monotonic() + duration
+    rounds = 0
+    while time.monotonic() < end:
+        order = range(len(conns)) if rounds % 2 == 0 else range(len(conns) - 1, -1, -1)
+        for _ in range(50):
+            for i in order:
+                sock, req = conns[i]
+                t = clock()
+                if _exchange(sock, req) != 200:
+                    bad[i] += 1
+                lat[i].append(clock() - t)
+        rounds += 1
+    for sock, _ in conns:
+        sock.close()
+    return {
+        "requests": [len(x) for x in lat],
+        "errors": bad,
+        "p50_us": [round(statistics.median(x) / 1e3, 1) for x in lat],
+        "p90_us": [round(statistics.quantiles(x, n=10)[-1] / 1e3, 1) for x in lat],
+        "mean_us": [round(statistics.fmean(x) / 1e3, 1) for x in lat],
+    }
+
+
+def _exchange(sock: socket.socket, request: bytes) -> int:
+    """Send ``request``, read the whole response (Content-Length framed); its status."""
+    sock.sendall(request)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        body += chunk
+    return int(head.split(b" ", 2)[1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="mode", required=True)
@@ -123,10 +200,16 @@ def main() -> None:
     b.add_argument("--n", type=int, default=1000)
     b.add_argument("--workspaces", type=int, default=10)
     b.add_argument("--header-name", default="X-Royalti-Workspace")
+    i = sub.add_parser("interleave")
+    i.add_argument("urls", nargs="+")
+    i.add_argument("--duration", type=float, required=True)
+    i.add_argument("--header", action="append", default=[])
     a = p.parse_args()
     if a.mode == "rate":
         headers = dict(h.split(": ", 1) for h in a.header)
         result = asyncio.run(rate(a.url, a.rate, a.duration, headers))
+    elif a.mode == "interleave":
+        result = interleave(a.urls, a.duration, a.header)
     else:
         result = asyncio.run(burst(a.url, a.n, a.workspaces, a.header_name))
     print(json.dumps(result), flush=True)

@@ -23,9 +23,13 @@ of percent whatever is measured, so the throughput verdict comes from a head-to-
 each round: the proxy and the bare forwarder loaded at once, pinned to the same CPU, so that each
 gets half of it whatever the neighbours do and the ratio of their throughputs is the ratio of
 their costs (an A/A check of that method agrees within 2 %). Latency at one connection cannot be
-taken that way (two forwarders on one CPU queue behind each other), so it is taken back to back,
-twice per round in alternating order. The steady-state p99 runs both forwarders at once, so a
-stall of the machine lands in both tails. docs/performance.md has the reasons and the figures.
+taken that way (two forwarders on one CPU queue behind each other), so its verdict comes from an
+interleaved run in each round: one request at a time, to the upstream, the bare forwarder and the
+proxy in turn, so every forwarder sees one connection and one request at a time while the
+machine's drifts fall on all of them alike (an A/A check agrees within 1 %). wrk at one
+connection, back to back twice per round in alternating order, is reported beside it. The
+steady-state p99 runs both forwarders at once, so a stall of the machine lands in both tails.
+docs/performance.md has the reasons and the figures.
 
 Writes ``bench-results/results.json`` (everything measured), ``bench-results/results.md`` (the
 table) and ``bench-results/profile.collapsed`` (py-spy's stacks), prints the table, and exits 0
@@ -309,6 +313,7 @@ class Suite:
                             continue
                         url, proc = targets[name]
                         result[key][name] = self.wrk(url, 1, max(1, round(plan.duration / 2)))
+                result["interleave"] = self.interleave(targets, 2 * plan.duration)
                 result["h2h"] = self.head_to_head(targets, r)
                 rounds.append(result)
                 print(
@@ -316,6 +321,8 @@ class Suite:
                     + ", ".join(f"{n} {result['c32'][n]['rps']:.0f}/s" for n in targets)
                     + "; c1 p50 "
                     + ", ".join(f"{n} {result['c1'][n]['p50_us']:.0f}us" for n in targets)
+                    + "; interleaved p50 "
+                    + ", ".join(f"{n} {v:.0f}us" for n, v in result["interleave"].items())
                     + "; head to head "
                     + ", ".join(
                         f"{k} {v['ratio']:.3f}"
@@ -329,6 +336,25 @@ class Suite:
             self._throughput_rows(rounds)
             if not self.args.no_royalti_round:
                 self.royalti_round(proxy_url, proxy)
+
+    def interleave(
+        self, targets: dict[str, tuple[str, subprocess.Popen[bytes]]], duration: float
+    ) -> dict[str, float]:
+        """Latency at one connection, taken without the drift of back-to-back runs: one
+        request at a time, to the upstream and each forwarder in turn (bench/loadgen.py
+        interleave). Each forwarder's p50 in microseconds, by name."""
+        names = [n for n in targets if n != "nginx"]
+        out = self.loadgen(
+            "interleave",
+            *(f"{targets[n][0]}/user/" for n in names),
+            "--duration",
+            f"{duration:g}",
+            *(arg for h in HEADERS for arg in ("--header", h)),
+            timeout=duration + 60,
+        )
+        if any(out["errors"]):
+            raise BenchError(f"interleaved latency run had errors: {out['errors']}")
+        return dict(zip(names, out["p50_us"], strict=True))
 
     def head_to_head(
         self, targets: dict[str, tuple[str, subprocess.Popen[bytes]]], r: int
@@ -361,6 +387,10 @@ class Suite:
         def ratios(a: list[float], b: list[float]) -> list[float]:
             return [x / y if y > 0 else float("nan") for x, y in zip(a, b, strict=True)]
 
+        def inter(name: str) -> list[float]:
+            """Added p50 at one connection, interleaved: one sample per round."""
+            return [r["interleave"][name] - r["interleave"]["upstream"] for r in rounds]
+
         errors = sum(r[c][n]["errors"] for r in rounds for c in ("c32", "c1", "c1b") for n in r[c])
         tput = ratios(rps("proxy"), rps("bare"))
         h2h = [r["h2h"]["proxy/bare"]["ratio"] for r in rounds]
@@ -378,15 +408,20 @@ class Suite:
         )
 
         lat = ratios(added("proxy"), added("bare"))
+        ilat = ratios(inter("proxy"), inter("bare"))
         up_p50 = median(r["c1"]["upstream"]["p50_us"] for r in rounds)
+        up_inter = median(r["interleave"]["upstream"] for r in rounds)
         self.rows.append(
             Row(
                 "added latency p50, 1 connection",
                 "<= 1.0 x bare",
-                f"proxy +{median(added('proxy')):.0f} us, bare +{median(added('bare')):.0f} us; "
-                f"ratio {spread(lat)} over {len(lat)} back-to-back pairs; upstream alone "
-                f"{up_p50:.0f} us",
-                verdict(median(lat) <= 1.0),
+                f"interleaved: proxy +{median(inter('proxy')):.0f} us, bare "
+                f"+{median(inter('bare')):.0f} us, ratio {spread(ilat, '{:.3f}')} over "
+                f"{len(ilat)} rounds (upstream alone {up_inter:.0f} us); wrk one after the "
+                f"other: proxy +{median(added('proxy')):.0f} us, bare "
+                f"+{median(added('bare')):.0f} us, ratio {spread(lat)} over {len(lat)} pairs "
+                f"(upstream alone {up_p50:.0f} us)",
+                verdict(median(ilat) <= 1.0),
             )
         )
         self.rows.append(
@@ -408,7 +443,9 @@ class Suite:
                     "candidate (--compare-src) vs proxy",
                     "-",
                     f"head to head: candidate {spread(cand_h2h, '{:.3f}')} x bare, proxy "
-                    f"{median(h2h):.3f} x bare; added p50 candidate "
+                    f"{median(h2h):.3f} x bare; added p50 interleaved: candidate "
+                    f"{spread(ratios(inter('candidate'), inter('bare')), '{:.3f}')} x bare, "
+                    f"proxy {median(ilat):.3f} x bare; wrk: candidate "
                     f"{median(ratios(added('candidate'), added('bare'))):.3f} x bare, proxy "
                     f"{median(lat):.3f} x bare; one after the other "
                     f"{spread(ratios(rps('candidate'), rps('proxy')))} x proxy; "
