@@ -174,11 +174,12 @@ def wait_http(
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM (peak RSS), in KiB, from /proc/<pid>/status."""
+    """VmRSS, VmHWM (peak RSS), in KiB, and voluntary_ctxt_switches (how many times the
+    process went to sleep waiting for something), from /proc/<pid>/status."""
     out: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "voluntary_ctxt_switches"):
             out[key] = int(value.split()[0])
     return out
 
@@ -368,10 +369,16 @@ def wrk(
     """One wrk run (one thread): requests/s and latency percentiles in microseconds; with
     ``measure`` (a process group id), also that group's CPU time per request."""
     cpu0 = group_cpu_seconds(measure) if measure else 0.0
+    sleeps0 = proc_status(measure)["voluntary_ctxt_switches"] if measure else 0
     out = procs.run(
         "wrk", _wrk_argv(url, connections, duration, headers), timeout=duration + 30, cpu=cpu
     )
-    return _wrk_result(out, group_cpu_seconds(measure) - cpu0 if measure else None)
+    result = _wrk_result(out, group_cpu_seconds(measure) - cpu0 if measure else None)
+    if measure and result["requests"]:
+        # The process that leads the group (the forwarder itself; nginx's master only).
+        sleeps = proc_status(measure)["voluntary_ctxt_switches"] - sleeps0
+        result["sleeps_per_req"] = round(sleeps / result["requests"], 2)
+    return result
 
 
 def wrk_head_to_head(

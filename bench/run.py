@@ -312,7 +312,7 @@ class Suite:
                         if key == "c1b" and name in ("upstream", "nginx"):
                             continue
                         url, proc = targets[name]
-                        result[key][name] = self.wrk(url, 1, max(1, round(plan.duration / 2)))
+                        result[key][name] = self.wrk(url, 1, max(1, round(plan.duration / 2)), proc)
                 result["interleave"] = self.interleave(targets, 2 * plan.duration)
                 result["h2h"] = self.head_to_head(targets, r)
                 rounds.append(result)
@@ -387,6 +387,15 @@ class Suite:
         def ratios(a: list[float], b: list[float]) -> list[float]:
             return [x / y if y > 0 else float("nan") for x, y in zip(a, b, strict=True)]
 
+        def sleeps(name: str) -> list[float]:
+            """Times the forwarder went to sleep per request under wrk at one connection."""
+            return [
+                r[key][name]["sleeps_per_req"]
+                for r in rounds
+                for key in ("c1", "c1b")
+                if "sleeps_per_req" in r[key].get(name, {})
+            ]
+
         def inter(name: str) -> list[float]:
             """Added p50 at one connection, interleaved: one sample per round."""
             return [r["interleave"][name] - r["interleave"]["upstream"] for r in rounds]
@@ -420,7 +429,9 @@ class Suite:
                 f"{len(ilat)} rounds (upstream alone {up_inter:.0f} us); wrk one after the "
                 f"other: proxy +{median(added('proxy')):.0f} us, bare "
                 f"+{median(added('bare')):.0f} us, ratio {spread(lat)} over {len(lat)} pairs "
-                f"(upstream alone {up_p50:.0f} us)",
+                f"(upstream alone {up_p50:.0f} us), the forwarder went to sleep "
+                f"{median(sleeps('proxy')):.2f} (proxy) vs {median(sleeps('bare')):.2f} (bare) "
+                "times per request",
                 verdict(median(ilat) <= 1.0),
             )
         )
