@@ -430,6 +430,7 @@ async def test_a_small_response_leaves_the_proxy_in_one_write_head_and_body_toge
     serve: Serve, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     body = json.dumps({"data": [{"id": n} for n in range(20)]}).encode()
+
     async def small(_: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
