@@ -1,0 +1,106 @@
+"""The benchmark's own latency client (bench/loadgen.py interleave), against real servers: it
+must take turns fairly, read each response whole however it is split, and count failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import loadgen
+
+BODY = b'{"data": [1, 2, 3]}'
+
+
+Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def serve_raw(answer: Answer) -> AsyncIterator[str]:
+    """A keep-alive server on a loopback port that answers every request with ``answer``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await answer(writer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/user/"
+
+
+def _response(status: str, body: bytes) -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def _always(response: bytes) -> Answer:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(response)
+
+    return answer
+
+
+async def _split(writer: asyncio.StreamWriter) -> None:
+    """Head and body in separate segments, the body itself in two."""
+    head, body = _response("200 OK", BODY).split(b"\r\n\r\n", 1)
+    for part in (head + b"\r\n\r\n", body[:5], body[5:]):
+        writer.write(part)
+        await writer.drain()
+        await asyncio.sleep(0)  # a turn of the loop between segments, not a wait for time
+
+
+async def test_interleave_takes_turns_and_counts_failures_per_server() -> None:
+    async with (
+        serve_raw(_always(_response("200 OK", BODY))) as ok_url,
+        serve_raw(_always(_response("503 Service Unavailable", b"no"))) as failing_url,
+        serve_raw(_split) as split_url,
+    ):
+        result = await asyncio.to_thread(
+            loadgen.interleave,
+            [ok_url, failing_url, split_url],
+            0.2,
+            ["Accept: application/json"],
+        )
+    first, second, third = result["requests"]
+    assert first == second == third > 0  # one each, in turn, whole rounds only
+    assert result["errors"] == [0, first, 0]  # only the 503s count
+    assert all(p50 > 0 for p50 in result["p50_us"])
+
+
+def test_exchange_reads_a_response_split_across_reads_and_the_next_one_after_it() -> None:
+    a, b = socket.socketpair()
+    try:
+        response = _response("200 OK", BODY)
+        b.sendall(response[:10])
+        b.sendall(response[10:])  # the rest, already there or not: the client must wait for it
+        assert loadgen._exchange(a, b"GET / HTTP/1.1\r\n\r\n") == 200
+        assert b.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+        b.sendall(_response("404 Not Found", b""))
+        assert loadgen._exchange(a, b"GET / HTTP/1.1\r\n\r\n") == 404
+    finally:
+        a.close()
+        b.close()
+
+
+def test_exchange_reports_a_server_that_hangs_up() -> None:
+    a, b = socket.socketpair()
+    try:
+        b.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        b.close()
+        with pytest.raises(ConnectionError):
+            loadgen._exchange(a, b"GET / HTTP/1.1\r\n\r\n")
+    finally:
+        a.close()
