@@ -4,7 +4,8 @@ one per chunk.
 aiohttp's client enforces ``sock_read`` by cancelling its timer and arming a new one every time
 data arrives, and again when a request has been written and when a body ends: two timers armed
 and two cancelled for every small request, and one more pair per chunk of a large one. On uvloop
-each is a libuv handle. That was 5 % of the proxy's throughput (docs/performance.md).
+each is a libuv handle. Turning the timeout off altogether gave the proxy 5.6 % more
+throughput (docs/performance.md).
 
 :class:`LazyReadTimeoutHandler` keeps the same rule, "the upstream may be silent for at most
 ``read`` seconds while a response is awaited", with a deadline instead: data arriving only moves
@@ -15,8 +16,9 @@ ends only clears the deadline, so the timer of a keep-alive connection is usuall
 for the next request. The timeout therefore fires at the same moment as aiohttp's own (last
 byte + ``read``), never early and never more than one event-loop iteration late.
 
-It overrides three private methods of aiohttp's ``ResponseHandler``. :func:`install` checks
-that they exist and otherwise leaves aiohttp's own handler in place (slower, same behaviour).
+It overrides two private methods of aiohttp's ``ResponseHandler`` and calls a third.
+:func:`install` checks that they exist and otherwise leaves aiohttp's own handler in place
+(slower, same behaviour), with a warning in the log.
 """
 
 from __future__ import annotations

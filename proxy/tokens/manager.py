@@ -125,14 +125,13 @@ class TokenManager:
 
     async def get(self, key: str) -> Token:
         """The token for ``key``, fetching it (once, however many ask) when there is none."""
+        token = self.cached(key)
+        if token is not None:
+            return token
         entry = self._pinned.get(key) or self._entries.get(key)
         now = self._clock.monotonic()
         if entry is not None:
             entry.last_used = now
-            token = entry.token
-            if token is not None and now < token.expires_at:
-                self.hits += 1
-                return token
         return await self._get_slow(key, entry, now)
 
     def cached(self, key: str) -> Token | None:
