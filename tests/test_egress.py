@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from proxy.__main__ import main
 from proxy.config import build
 from proxy.egress import NoProxy, ProxyEnvironment, ProxySetting, parse_proxy_url, resolve
 from proxy.errors import ConfigError
@@ -214,3 +215,34 @@ def test_proxy_none_with_credentials_is_a_mistake() -> None:
 def test_an_unknown_egress_key_is_reported() -> None:
     with pytest.raises(ConfigError, match=r"upstreams\[0\]\.egress\.prxy: unknown key"):
         build(upstream_config("https://a.example", egress={"prxy": "none"}), {}, source="test")
+
+
+def test_check_config_prints_each_upstreams_egress_without_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "upstreams:\n"
+        "  - name: royalti\n"
+        "    url: https://api.royalti.io\n"
+        "    auth: {type: royalti, email: a@b.c, password: x}\n"
+        "    token_egress: {proxy: none}\n"
+    )
+    env = {"HTTPS_PROXY": "http://svc:hunter2@egress.corp:3128"}
+    assert main(["check-config", "--config", str(path)], env) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  royalti: egress http://egress.corp:3128 (from the environment); "
+        "token endpoint egress direct\n"
+    ) in out
+    assert "hunter2" not in out
+
+
+def test_check_config_fails_on_a_bad_environment_proxy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = {"ROYALTI_API_KEY": "RWAK1", "HTTPS_PROXY": "socks5://svc:hunter2@egress:1080"}
+    assert main(["check-config"], env) == 2
+    err = capsys.readouterr().err
+    assert "HTTPS_PROXY: must be an http:// or https:// proxy URL" in err
+    assert "hunter2" not in err
