@@ -19,6 +19,8 @@ import trustme
 from aiohttp import web
 
 from proxy.app import Proxy
+from proxy.clock import FakeClock
+from proxy.fake_oauth2 import FakeOAuth2, start_fake_oauth2
 from proxy.fake_royalti import FakeRoyalti
 from tests.binaries import require_binary
 from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, free_port, royalti_config
@@ -314,3 +316,92 @@ def test_ci_installs_the_forward_proxy() -> None:
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "tinyproxy" in ci.split("packages=(", 1)[1].split(")", 1)[0]
     assert os.environ.get("CI") is None or require_binary("tinyproxy")
+
+
+async def test_an_oauth2_token_endpoint_goes_through_token_egress_only(
+    tinyproxy: StartTinyProxy,
+    clock: FakeClock,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    egress = await tinyproxy()
+    oauth = FakeOAuth2(clients={"c": "s"}, users={"agent": "pw"}, wall=clock.wall)
+    runner, oauth_url = await start_fake_oauth2(oauth)
+    try:
+        data = {
+            "listen": "127.0.0.1:0",
+            "admin": {"listen": "127.0.0.1:0"},
+            "upstreams": [
+                {
+                    "name": "vbot",
+                    "url": f"{oauth_url}/api",
+                    "path_prefix": "/vbot/",
+                    "auth": {
+                        "type": "oauth2_password",
+                        "token_url": f"{oauth_url}/token",
+                        "username": "agent",
+                        "password": "pw",
+                        "client_id": "c",
+                        "client_secret": "s",
+                    },
+                    "egress": {"proxy": "none"},
+                    "token_egress": {"proxy": egress.url},
+                }
+            ],
+        }
+        proxy = await start_proxy(data, env={"HTTP_PROXY": f"http://127.0.0.1:{free_port()}"})
+        async with http.get(proxy.addresses["proxy"] + "/vbot/v2.0/calls") as resp:
+            assert resp.status == 200
+        assert egress.lines() == [f"POST {oauth_url}/token HTTP/1.1"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_websocket_handshake_to_an_https_upstream_goes_through_connect(
+    tinyproxy: StartTinyProxy,
+    ca: trustme.CA,
+    ca_file: str,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    egress = await tinyproxy()
+    seen_auth: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen_auth.append(request.headers.get("Authorization", ""))
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(f"echo:{msg.data}")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/socket.io/", handler)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    authority = f"127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        data = {
+            "listen": "127.0.0.1:0",
+            "admin": {"listen": "127.0.0.1:0"},
+            "upstreams": [
+                {
+                    "name": "rt",
+                    "url": f"https://{authority}",
+                    "auth": {"type": "static", "token": "ws-token"},
+                    "tls": {"ca_file": ca_file},
+                }
+            ],
+        }
+        proxy = await start_proxy(data, env={"HTTPS_PROXY": egress.url})
+        async with http.ws_connect(proxy.addresses["proxy"] + "/socket.io/") as ws:
+            await ws.send_str("hi")
+            assert (await ws.receive()).data == "echo:hi"
+        assert seen_auth == ["Bearer ws-token"]
+        assert egress.lines() == [f"CONNECT {authority} HTTP/1.1"]
+        assert "ws-token" not in egress.log.read_text()
+    finally:
+        await runner.cleanup()
