@@ -72,6 +72,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if command == "check-config":
         names = ", ".join(f"{u.name} ({u.auth_type}, {u.path_prefix})" for u in config.upstreams)
         print(f"configuration OK ({config.source}): upstreams {names}")
+        for up in config.upstreams:
+            # Proxy URLs here never hold credentials: those were split off at load.
+            route = up.proxy.describe() if up.proxy is not None else "direct"
+            token = up.token_proxy.describe() if up.token_proxy is not None else "direct"
+            print(f"  {up.name}: egress {route}; token endpoint egress {token}")
         return 0
     logs.setup(args.log_format or config.log_format, (args.log_level or config.log_level).upper())
     reload_path = args.config

@@ -36,6 +36,7 @@ from proxy.config import (
     UpstreamConfig,
     read_secret_file,
 )
+from proxy.egress import client_session
 from proxy.errors import ConfigError
 from proxy.forward import ExactHeadersRequest, Forwarder, Route, Router
 from proxy.inbound import GuardedServer, InboundGuard
@@ -57,9 +58,12 @@ log = logging.getLogger("proxy")
 LISTEN_BACKLOG = 1024
 
 
-def ssl_context(tls: TLSSettings) -> ssl.SSLContext:
-    """The TLS settings of one upstream: verification on unless switched off explicitly."""
+def ssl_context(tls: TLSSettings, *, extra_ca: str | None = None) -> ssl.SSLContext:
+    """The TLS settings of one upstream: verification on unless switched off explicitly.
+    ``extra_ca`` is trusted too: the CA of an egress proxy that intercepts TLS."""
     ctx = ssl.create_default_context(cafile=tls.ca_file)
+    if extra_ca:
+        ctx.load_verify_locations(cafile=extra_ca)
     if tls.cert_file:
         ctx.load_cert_chain(tls.cert_file, tls.key_file)
     if not tls.verify:
@@ -301,11 +305,20 @@ class Proxy:
         """Everything one upstream needs: its connection pools, token source and manager."""
         stack = contextlib.AsyncExitStack()
         try:
-            tls = ssl_context(up.tls)
+            tls = ssl_context(up.tls, extra_ca=up.egress.ca_file)
+            token_setting = up.token_egress or up.egress
+            token_tls = (
+                tls
+                if token_setting.ca_file == up.egress.ca_file
+                else ssl_context(up.tls, extra_ca=token_setting.ca_file)
+            )
             connector = aiohttp.TCPConnector(limit=up.max_connections, ssl=tls)
             readtimeout.install(connector)  # timeouts.read without a timer per chunk
             session = await stack.enter_async_context(
-                aiohttp.ClientSession(
+                # The egress proxy, resolved at load, is the session's default for every
+                # request and WebSocket handshake.
+                client_session(
+                    up.proxy,
                     connector=connector,
                     auto_decompress=False,  # bytes pass through as the upstream sent them
                     request_class=ExactHeadersRequest,  # headers as the client sent them
@@ -314,12 +327,15 @@ class Proxy:
                 )
             )
             token_session = await stack.enter_async_context(
-                aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=10, ssl=tls),
+                client_session(
+                    up.token_proxy,
+                    connector=aiohttp.TCPConnector(limit=10, ssl=token_tls),
                     cookie_jar=aiohttp.DummyCookieJar(),
                 )
             )
-            source = build_source(up, session=token_session, clock=self.clock, tls=tls, config=cfg)
+            source = build_source(
+                up, session=token_session, clock=self.clock, tls=token_tls, config=cfg
+            )
             account = account_of(up) if self.store is not None else None
             if source is not None and self.store is not None and account is not None:
                 source = share(
@@ -360,6 +376,7 @@ class Proxy:
             replay_max_body=up.replay_max_body,
             max_concurrent=up.max_concurrent,
             max_body_size=up.max_body_size,
+            egress_proxy=up.proxy.url if up.proxy is not None else None,
             also_drop=frozenset({cfg.inbound.shared_secret_header})
             if cfg.inbound.shared_secret is not None
             else frozenset(),

@@ -11,6 +11,7 @@ argument, so tests pass dicts.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
+from proxy.egress import Egress, ProxyEnvironment, ProxySetting, ProxyURL, parse_proxy_url, resolve
 from proxy.errors import ConfigError
 from proxy.secret import Secret
 
@@ -169,6 +171,16 @@ class UpstreamConfig:
     """Largest request body accepted, in bytes; beyond it, 413 BODY_TOO_LARGE."""
     tls: TLSSettings = TLSSettings()
     inject: Inject = Inject()
+    egress: ProxySetting = field(default_factory=ProxySetting)
+    """The upstream's own ``egress`` section (overrides the environment)."""
+    token_egress: ProxySetting | None = None
+    """``token_egress``, for token endpoints reached another way; None: as ``egress``."""
+    proxy: Egress | None = None
+    """The egress proxy forwarded requests and WebSocket handshakes go through (resolved at
+    load from ``egress`` and the environment); None: direct."""
+    token_proxy: Egress | None = None
+    """The egress proxy the token endpoint (login, authtoken, OAuth2 token) is reached
+    through; None: direct."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +256,9 @@ class Config:
     """Where the configuration came from: a file path, or ``environment``."""
     watched_files: tuple[str, ...] = ()
     """The secret and TLS files the configuration names; a change to one triggers a reload."""
+    proxy_env: ProxyEnvironment = field(default_factory=ProxyEnvironment)
+    """``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY``, as read when the configuration was
+    loaded."""
 
 
 # -- parsing helpers --------------------------------------------------------------------------
@@ -720,7 +735,43 @@ def _tls(r: _Reader) -> TLSSettings:
     return tls
 
 
-def _upstream(r: _Reader, index: int) -> UpstreamConfig:
+def _egress(r: _Reader) -> ProxySetting:
+    """An ``egress`` (or ``token_egress``) section: ``proxy``, ``username``, ``password`` or
+    ``password_file``, ``ca_file``."""
+    proxy: ProxyURL | Literal["none"] | None = None
+    text = r.text("proxy")
+    if text is not None and text.strip().lower() == "none":
+        proxy = "none"
+    elif text:
+        try:
+            proxy = parse_proxy_url(text)
+        except ValueError as exc:
+            r.problem("proxy", f"{exc} (or none)")
+    username = r.text("username")
+    password = r.secret("password")
+    if password is not None and username is None:
+        r.problem("username", "required with password")
+    if proxy == "none" and (username is not None or password is not None):
+        r.problem("proxy", "is none: proxy credentials would never be used")
+    ca_file = r.text("ca_file")
+    if ca_file:
+        r.files.append(ca_file)
+        if not os.access(ca_file, os.R_OK):
+            r.problem("ca_file", f"cannot read {ca_file}")
+    r.done()
+    return ProxySetting(proxy=proxy, username=username, password=password, ca_file=ca_file)
+
+
+def _token_url(up_url: str, auth: Auth) -> str | None:
+    """Where an upstream's tokens come from, when it has a token endpoint at all."""
+    if isinstance(auth, RoyaltiAuth):
+        return None if auth.api_key is not None else (auth.auth_url or up_url)
+    if isinstance(auth, OAuth2Auth):
+        return auth.token_url or None
+    return None
+
+
+def _upstream(r: _Reader, index: int, proxy_env: ProxyEnvironment) -> UpstreamConfig:
     name = r.text("name") or f"upstream{index}"
     url = r.req_str("url", "for every upstream")
     if url and not re.match(r"^https?://[^/?#]+", url):
@@ -770,14 +821,33 @@ def _upstream(r: _Reader, index: int) -> UpstreamConfig:
         max_body_size=r.size("max_body_size", -1) if r.has("max_body_size") else None,
         tls=_tls(r.child("tls")),
         inject=inject,
+        egress=_egress(r.child("egress")),
+        token_egress=_egress(r.child("token_egress")) if r.has("token_egress") else None,
     )
     r.done()
-    return up
+    # Resolved here, once: the request path only uses the result.
+    token_url = _token_url(up.url, auth)
+    token_setting = up.token_egress or up.egress
+    return dataclasses.replace(
+        up,
+        proxy=resolve(up.url, up.egress, proxy_env) if up.url else None,
+        token_proxy=resolve(token_url, token_setting, proxy_env) if token_url else None,
+    )
 
 
-def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
-    """Validate raw configuration (already parsed from YAML) into a :class:`Config`."""
+def build(
+    data: object,
+    env: Mapping[str, str],
+    *,
+    source: str,
+    proxy_env: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate raw configuration (already parsed from YAML) into a :class:`Config`.
+
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` are read from ``proxy_env`` (``env`` when not
+    given)."""
     problems: list[str] = []
+    proxies = ProxyEnvironment.from_env(env if proxy_env is None else proxy_env, problems)
     r = _Reader(data, "", problems, env)
     listen = r.convert("listen", parse_address(DEFAULT_LISTEN), lambda v: parse_address(str(v)))
     a = r.child("admin")
@@ -820,7 +890,7 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
     else:
         for i, item in enumerate(raw_ups):
             item_reader = _Reader(item, f"upstreams[{i}]", problems, env, r.files)
-            upstreams.append(_upstream(item_reader, i))
+            upstreams.append(_upstream(item_reader, i, proxies))
     names = [u.name for u in upstreams]
     for i, u in enumerate(upstreams):
         if names.index(u.name) != i:
@@ -846,6 +916,7 @@ def build(data: object, env: Mapping[str, str], *, source: str) -> Config:
         reload_poll=r.duration("reload_poll", 2.0),
         source=source,
         watched_files=tuple(dict.fromkeys(r.files)),
+        proxy_env=proxies,
     )
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("log_level: must be one of debug, info, warning, error")
@@ -898,7 +969,7 @@ def from_environment(env: Mapping[str, str]) -> Config:
     if inbound:
         data["inbound"] = inbound
     # Values from the environment are literal: no ${...} expansion inside them.
-    return build(_escape(data), {}, source="environment")
+    return build(_escape(data), {}, source="environment", proxy_env=env)
 
 
 def _escape(value: Any) -> Any:

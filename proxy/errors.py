@@ -19,6 +19,8 @@
     ├── Overloaded                 503 OVERLOADED (with retry_after)
     └── UpstreamError
         ├── UpstreamUnavailable    502 UPSTREAM_UNAVAILABLE
+        │   └── EgressProxyError   502 UPSTREAM_UNAVAILABLE, details "cause: egress_proxy": the
+        │                          egress proxy could not be reached or refused the request
         ├── UpstreamTLSError       502 UPSTREAM_TLS_ERROR
         └── UpstreamTimeout        504 UPSTREAM_TIMEOUT
 
@@ -157,6 +159,15 @@ class UpstreamUnavailable(UpstreamError):
     status = 502
 
 
+class EgressProxyError(UpstreamUnavailable):
+    """The outbound (egress) HTTP proxy, not the upstream, failed: unreachable, or it refused
+    the ``CONNECT`` or the request (407, 403, ...). Same code as any unreachable upstream, so a
+    client handles one case; the details say which hop failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, details=["cause: egress_proxy"])
+
+
 class UpstreamTLSError(UpstreamError):
     code = "UPSTREAM_TLS_ERROR"
     status = 502
@@ -171,7 +182,8 @@ class TokenFetchError(Exception):
     """A token endpoint did not give a usable token.
 
     ``code`` is a short machine-readable reason (``HTTP_500``, ``BAD_RESPONSE``, ``invalid_grant``,
-    ``NETWORK``, ...). ``retry_after`` is the server's ``Retry-After`` when it sent one.
+    ``NETWORK``, ``EGRESS_PROXY``, ...). ``retry_after`` is the server's ``Retry-After`` when it
+    sent one.
     """
 
     def __init__(self, code: str, message: str, *, retry_after: float | None = None) -> None:

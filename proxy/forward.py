@@ -21,11 +21,13 @@ from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.egress import egress_error
 from proxy.errors import (
     ERROR_HEADER,
     BadTarget,
     BodyTooLarge,
     ClientGone,
+    EgressProxyError,
     ExpectationFailed,
     NoRoute,
     Overloaded,
@@ -133,6 +135,8 @@ class Route:
     max_body_size: int | None = None
     also_drop: frozenset[str] = frozenset()
     """Further request headers to remove (the inbound shared-secret header)."""
+    egress_proxy: str | None = None
+    """The egress proxy's URL (no credentials) when the session goes through one: for errors."""
     drop: frozenset[str] = field(default=frozenset())
     """Request headers (lower case) removed before forwarding: hop-by-hop, the workspace header,
     the header the credential is injected into."""
@@ -534,9 +538,10 @@ class Forwarder:
                 timeout=route.timeout,
             )
             route.stats.duration.observe(time.perf_counter() - start)
-            return resp
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream {route.name} did not answer in time") from exc
+        except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
+            raise egress_error(route.name, route.egress_proxy, exc) from exc
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
             raise UpstreamTLSError(f"TLS to upstream {route.name} failed to verify") from exc
         except aiohttp.ClientError as exc:
@@ -547,6 +552,14 @@ class Forwarder:
             raise UpstreamUnavailable(
                 f"upstream {route.name} unreachable ({type(exc).__name__})"
             ) from exc
+        if resp.status == 407 and route.egress_proxy is not None:
+            # Only a proxy answers 407 (RFC 9110 §15.5.8): ours, refusing a plain-HTTP request.
+            resp.release()
+            raise EgressProxyError(
+                f"upstream {route.name} unreachable: the egress proxy {route.egress_proxy} "
+                "refused the request (407)"
+            )
+        return resp
 
     @staticmethod
     async def _relay(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> web.StreamResponse:

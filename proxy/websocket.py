@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.egress import egress_error
 from proxy.errors import TokenUnavailable, UpstreamTimeout, UpstreamUnavailable
 from proxy.tokens.token import Token
 
@@ -101,6 +102,8 @@ async def _connect(
         raise
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout(f"upstream {route.name} did not answer the upgrade in time") from exc
+    except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
+        raise egress_error(route.name, route.egress_proxy, exc) from exc
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(
             f"upstream {route.name} unreachable ({type(exc).__name__})"

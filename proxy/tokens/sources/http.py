@@ -77,7 +77,8 @@ async def call_token_endpoint(
 ) -> JsonResponse:
     """Send one request to a token endpoint and return its status and decoded JSON body.
 
-    Raises :class:`TokenFetchError` with code ``TIMEOUT``, ``TLS_ERROR``, ``NETWORK`` or
+    Raises :class:`TokenFetchError` with code ``TIMEOUT``, ``TLS_ERROR``, ``NETWORK``,
+    ``EGRESS_PROXY`` (the session's egress proxy is unreachable or refused) or
     ``BODY_TOO_LARGE``; never an aiohttp exception. Redirects are not followed: a token
     endpoint that redirects would carry our credentials to another host.
     """
@@ -93,6 +94,12 @@ async def call_token_endpoint(
                 allow_redirects=False,
                 ssl=ssl_context if ssl_context is not None else True,
             ) as resp:
+                if resp.status == 407:
+                    # Only a proxy answers 407 (RFC 9110 §15.5.8): the egress proxy, for a
+                    # plain-HTTP endpoint (for HTTPS its refusal of CONNECT raises below).
+                    raise TokenFetchError(
+                        "EGRESS_PROXY", "the egress proxy refused the request (407)"
+                    )
                 raw = await _read_bounded(resp, max_body)
                 server_time = _server_time(resp.headers)
                 body: Any = None
@@ -105,6 +112,14 @@ async def call_token_endpoint(
     except TimeoutError as exc:
         raise TokenFetchError(
             "TIMEOUT", f"token endpoint did not answer within {timeout}s"
+        ) from exc
+    except aiohttp.ClientProxyConnectionError as exc:
+        raise TokenFetchError(
+            "EGRESS_PROXY", f"the egress proxy could not be reached ({type(exc).__name__})"
+        ) from exc
+    except aiohttp.ClientHttpProxyError as exc:
+        raise TokenFetchError(
+            "EGRESS_PROXY", f"the egress proxy refused the CONNECT ({exc.status})"
         ) from exc
     except aiohttp.ClientConnectorCertificateError as exc:
         raise TokenFetchError("TLS_ERROR", "token endpoint certificate did not verify") from exc
