@@ -95,7 +95,7 @@ def fresh_session(*, limit: int, tls: ssl.SSLContext) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     if hasattr(session, "_retry_connection"):
-        session._retry_connection = False  # aiohttp >= 3.10's retry on another connection
+        session._retry_connection = False  # the retry aiohttp's client makes on its own
     return session
 
 
@@ -583,11 +583,12 @@ class Forwarder:
                     timeout=route.timeout,
                 )
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # Raised before the response headers were read, so the client has seen
-                # nothing yet. A pooled connection the upstream closed while it sat idle
-                # (RFC 9112 §9.5) fails this way, and aiohttp's own one retry takes another
-                # pooled connection, which may be just as stale. One more try, on a new
-                # connection, when sending the request twice is allowed (RFC 9110 §9.2.2).
+                # Raised before the response headers were complete, so no byte of the
+                # response has reached the client. A pooled connection the upstream closed
+                # while it sat idle (RFC 9112 §9.5) fails this way, and aiohttp's own one
+                # retry takes another pooled connection, which may be just as stale. One more
+                # try, on a new connection, when sending the request twice is allowed
+                # (RFC 9110 §9.2.2).
                 again = _retry_body(method, body, exc)
                 if again is None:
                     raise
