@@ -38,7 +38,7 @@ from proxy.config import (
 )
 from proxy.egress import client_session
 from proxy.errors import ConfigError
-from proxy.forward import ExactHeadersRequest, Forwarder, Route, Router
+from proxy.forward import ExactHeadersRequest, Forwarder, Route, Router, fresh_session
 from proxy.inbound import GuardedServer, InboundGuard
 from proxy.metrics import ProxyCollector, TokenMetrics, TokenStoreCollector, build_info
 from proxy.store import open_store
@@ -326,6 +326,9 @@ class Proxy:
                     cookie_jar=aiohttp.DummyCookieJar(),
                 )
             )
+            fresh = await stack.enter_async_context(
+                fresh_session(limit=up.max_connections, tls=tls, egress=up.proxy)
+            )
             token_session = await stack.enter_async_context(
                 client_session(
                     up.token_proxy,
@@ -361,6 +364,7 @@ class Proxy:
             prefix=up.path_prefix.rstrip("/"),
             base_url=up.url,
             session=session,
+            fresh_session=fresh,
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=up.timeouts.connect, sock_read=up.timeouts.read
             ),

@@ -11,6 +11,7 @@ import functools
 import io
 import logging
 import math
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.egress import egress_error
+from proxy import readtimeout
+from proxy.egress import Egress, client_session, egress_error
 from proxy.errors import (
     ERROR_HEADER,
     BadTarget,
@@ -77,6 +79,29 @@ _NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
 )
 _STREAM_CHUNK = 64 * 1024
 _LARGE_BYTES = 1024 * 1024
+#: RFC 9110 §9.2.2: methods a client may send again when a connection fails before the
+#: response (TRACE is idempotent too, but the proxy has no reason to send one twice).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+def fresh_session(
+    *, limit: int, tls: ssl.SSLContext, egress: Egress | None = None
+) -> aiohttp.ClientSession:
+    """The session of :attr:`Route.fresh_session`: each request on a new connection, closed
+    after its response, and no retry of aiohttp's own, so that the proxy's retry is one
+    request on one new connection, through the same egress proxy as the route's session."""
+    connector = aiohttp.TCPConnector(limit=limit, ssl=tls, force_close=True)
+    readtimeout.install(connector)
+    session = client_session(
+        egress,
+        connector=connector,
+        auto_decompress=False,
+        request_class=ExactHeadersRequest,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False  # the retry aiohttp's client makes on its own
+    return session
 
 
 class ExactHeadersRequest(aiohttp.ClientRequest):
@@ -122,6 +147,9 @@ class Route:
     """The upstream URL, with its base path, without a trailing slash."""
     session: aiohttp.ClientSession
     timeout: aiohttp.ClientTimeout
+    fresh_session: aiohttp.ClientSession | None = None
+    """A session whose every request goes on a new connection, for the one retry of an
+    idempotent request whose pooled connection failed; ``session`` when None."""
     manager: TokenManager | None = None
     per_workspace: bool = False
     default_workspace: str | None = None
@@ -312,6 +340,29 @@ class _Body:
         if self.overflowed or not self.finished:
             return None
         return b"".join(self._chunks)
+
+
+def _data(body: bytes | None) -> bytes | io.BytesIO | None:
+    """What aiohttp's client is given to send a kept ``body`` again (the first attempt does
+    the same inline, saving a call on the hot path)."""
+    if body is not None and len(body) > _LARGE_BYTES:
+        return io.BytesIO(body)
+    return body
+
+
+def _retry_body(
+    method: str, body: bytes | _Body | None, exc: aiohttp.ClientError
+) -> tuple[bytes | None] | None:
+    """The body to send again (in a 1-tuple, as it may be None) when a request whose
+    connection failed with ``exc`` may be retried; None when it may not: a method that is
+    not idempotent, a connection that could not be opened at all (retrying would only wait
+    twice), a streamed body that was not kept whole."""
+    if method not in IDEMPOTENT or isinstance(exc, aiohttp.ClientConnectorError):
+        return None
+    if isinstance(body, _Body):
+        kept = body.replayable()
+        return None if kept is None else (kept,)
+    return (body,)
 
 
 class Forwarder:
@@ -520,23 +571,51 @@ class Forwarder:
         """The one boundary where aiohttp's client errors become the proxy's own."""
         if token is not None:
             headers[route.inject_header] = route.credential(token)
-        data: bytes | io.BytesIO | AsyncIterator[bytes] | None
-        if isinstance(body, _Body):
-            data = body.stream()
-        elif body is not None and len(body) > _LARGE_BYTES:
-            data = io.BytesIO(body)  # aiohttp writes large bytes bodies in one blocking call
-        else:
-            data = body
         start = time.perf_counter()
         try:
-            resp = await route.session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=route.timeout,
-            )
+            data: bytes | io.BytesIO | AsyncIterator[bytes] | None
+            if isinstance(body, _Body):
+                data = body.stream()
+            elif body is not None and len(body) > _LARGE_BYTES:
+                data = io.BytesIO(body)  # aiohttp writes large bytes in one blocking call
+            else:
+                data = body
+            try:
+                resp = await route.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=route.timeout,
+                )
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # Raised before the response headers were complete, so no byte of the
+                # response has reached the client. A pooled connection the upstream closed
+                # while it sat idle (RFC 9112 §9.5) fails this way, and aiohttp's own one
+                # retry takes another pooled connection, which may be just as stale. One more
+                # try, on a new connection, when sending the request twice is allowed
+                # (RFC 9110 §9.2.2).
+                again = _retry_body(method, body, exc)
+                if again is None:
+                    raise
+                route.stats.stale_retries += 1
+                log.debug(
+                    "upstream connection failed before the response; retried on a new one",
+                    extra={
+                        "event": "request_retried",
+                        "upstream": route.name,
+                        "error": type(exc).__name__,
+                    },
+                )
+                resp = await (route.fresh_session or route.session).request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=_data(again[0]),
+                    allow_redirects=False,
+                    timeout=route.timeout,
+                )
             route.stats.duration.observe(time.perf_counter() - start)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream {route.name} did not answer in time") from exc

@@ -92,12 +92,13 @@ def _fmt(bound: float) -> str:
 class RouteStats:
     """One upstream's per-request counters, updated by the forwarder without any lock."""
 
-    __slots__ = ("duration", "replays", "requests")
+    __slots__ = ("duration", "replays", "requests", "stale_retries")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
         self.duration = FastHistogram()
         self.replays = 0
+        self.stale_retries = 0
 
     def record(self, method: str, status: int) -> None:
         key = (method if method in METHODS else "OTHER", status)
@@ -191,15 +192,23 @@ class ProxyCollector(Collector):
             "Requests sent again with a fresh token after the upstream rejected the token.",
             labels=["upstream"],
         )
+        retries = CounterMetricFamily(
+            f"{PREFIX}_upstream_retries",
+            "Idempotent requests sent again on a new connection after their upstream "
+            "connection failed before any byte of the response (a stale keep-alive connection).",
+            labels=["upstream"],
+        )
         for route in self._routes():
             for (method, code), n in list(route.stats.requests.items()):
                 requests.add_metric([route.name, method, str(code)], n)
             h = route.stats.duration
             duration.add_metric([route.name], h.buckets(), h.sum)
             replays.add_metric([route.name], route.stats.replays)
+            retries.add_metric([route.name], route.stats.stale_retries)
         yield requests
         yield duration
         yield replays
+        yield retries
         fwd = self._forwarder()
         in_flight = GaugeMetricFamily(
             f"{PREFIX}_requests_in_flight", "Requests being handled by the proxy listener now."
