@@ -48,7 +48,7 @@ from proxy.tokens.sources.royalti import RoyaltiSource
 from proxy.tokens.sources.static import StaticSource
 
 if TYPE_CHECKING:
-    from proxy.store.redis_store import RedisStore
+    from proxy.store.base import SharedStore
 
 log = logging.getLogger("proxy")
 #: Connections the kernel queues until the proxy accepts them. With aiohttp's default, 128, a
@@ -163,8 +163,11 @@ class Proxy:
         clock: Clock | None = None,
         registry: CollectorRegistry | None = None,
         reload_source: Callable[[], Config] | None = None,
+        store: SharedStore | None = None,
     ) -> None:
-        """``reload_source`` loads the configuration again (on SIGHUP or a file change)."""
+        """``reload_source`` loads the configuration again (on SIGHUP or a file change);
+        ``store``, when given, is shared through instead of the one ``token_store`` names (the
+        in-memory store of the tests); the proxy closes it when it stops."""
         self.config = config
         self.clock = clock or SystemClock()
         self.registry = registry or CollectorRegistry()
@@ -184,7 +187,8 @@ class Proxy:
         self._reload_source = reload_source
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
-        self.store: RedisStore | None = None
+        self._given_store = store
+        self.store: SharedStore | None = None
         """The shared token store (``token_store.type: redis``), opened by :meth:`start`."""
         self._token_metrics = TokenMetrics(self.registry)
         build_info(self.registry)
@@ -204,7 +208,7 @@ class Proxy:
     async def start(self) -> None:
         try:
             # Opened once for the process: token_store changes need a restart, not a reload.
-            self.store = open_store(self.config.token_store, clock=self.clock)
+            self.store = self._given_store or open_store(self.config.token_store, clock=self.clock)
             if self.store is not None:
                 await self.store.ping()  # a store that is down at start-up is logged, not fatal
             await self._start()
