@@ -5,6 +5,7 @@ both in tests/test_shared_store.py; these are the ones only a clock can show in 
 from __future__ import annotations
 
 import logging
+import socket
 
 import aiohttp
 import pytest
@@ -164,3 +165,45 @@ async def test_replicas_ride_out_a_store_outage_locally_and_share_again_on_the_c
     finally:
         for p in proxies:
             await p.stop()
+
+
+class ClosingStore(MemoryStore):
+    """A memory store that counts how often it is closed."""
+
+    closes = 0
+
+    async def close(self) -> None:
+        self.closes += 1
+
+
+async def test_stopping_closes_the_store_once_after_the_listeners(
+    clock: FakeClock, backend: MemoryBackend, fake_url: str
+) -> None:
+    store = ClosingStore(backend)
+    proxy = Proxy(
+        build(royalti_config(fake_url, default_workspace=WS[0]), {}, source="test"),
+        clock=clock,
+        store=store,
+    )
+    await proxy.start()
+    assert store.closes == 0
+    await proxy.stop()
+    assert store.closes == 1
+
+
+async def test_a_start_that_fails_half_way_closes_the_store_it_had_opened(
+    clock: FakeClock, backend: MemoryBackend, fake_url: str
+) -> None:
+    store = ClosingStore(backend)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    data = royalti_config(fake_url, default_workspace=WS[0])
+    data["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
+    proxy = Proxy(build(data, {}, source="test"), clock=clock, store=store)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            await proxy.start()
+    finally:
+        taken.close()
+    assert store.closes == 1
