@@ -346,15 +346,13 @@ async def test_a_bad_encryption_key_is_refused_by_check_config_naming_the_key_no
 
 
 async def test_five_replicas_cold_start_under_load_log_in_once_and_fetch_each_workspace_once(
-    start_proxy: ProxyFactory,
+    start_shared: StartShared,
     fake: FakeRoyalti,
     fake_url: str,
-    redis_server: RedisServer,
-    key: str,
     http: aiohttp.ClientSession,
 ) -> None:
-    config = royalti_shared(fake_url, redis_server.url, key)
-    proxies = await asyncio.gather(*(start_proxy(config) for _ in range(5)))
+    config = royalti_config(fake_url, default_workspace=WS[0])
+    proxies = await asyncio.gather(*(start_shared(config) for _ in range(5)))
     statuses = await asyncio.gather(
         *(status(http, p, "/user/", ws) for p in proxies for ws in WS for _ in range(5))
     )
@@ -367,12 +365,11 @@ async def test_five_replicas_cold_start_under_load_log_in_once_and_fetch_each_wo
 
 
 async def test_a_failed_login_is_shared_so_other_replicas_do_not_each_hit_the_rate_limit(
-    start_proxy: ProxyFactory, fake: FakeRoyalti, fake_url: str, redis_server: RedisServer, key: str
+    start_shared: StartShared, fake: FakeRoyalti, fake_url: str
 ) -> None:
     fake.login_failures = [(429, 30)]
-    proxies = await asyncio.gather(
-        *(start_proxy(royalti_shared(fake_url, redis_server.url, key)) for _ in range(5))
-    )
+    config = royalti_config(fake_url, default_workspace=WS[0])
+    proxies = await asyncio.gather(*(start_shared(config) for _ in range(5)))
     await idle(*proxies)
     assert fake.login_calls == 1
     for p in proxies:

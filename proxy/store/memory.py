@@ -212,15 +212,21 @@ class MemoryStore:
         """Extend ``lease`` while the body runs, every third of the lease on the clock."""
 
         async def keep_alive() -> None:
+            # As RedisStore's: lost when it could not be extended for a whole lease.
+            confirmed = self._clock.monotonic()
             while True:
                 await self._clock.sleep(self.lease / 3)
                 try:
                     ok = await self.extend(lease)
                 except StoreUnavailable:
+                    if self._clock.monotonic() - confirmed >= self.lease:
+                        lease.lost = True
+                        return
                     continue
                 if not ok:
                     lease.lost = True
                     return
+                confirmed = self._clock.monotonic()
 
         task = asyncio.ensure_future(keep_alive())
         try:

@@ -207,3 +207,19 @@ async def test_a_start_that_fails_half_way_closes_the_store_it_had_opened(
     finally:
         taken.close()
     assert store.closes == 1
+
+
+async def test_a_lease_that_cannot_be_extended_for_a_whole_lease_is_lost(
+    clock: FakeClock, backend: MemoryBackend
+) -> None:
+    store = MemoryStore(backend, lease=3.0)
+    lease = await store.acquire(store.names("token", "s"))
+    assert lease is not None
+    async with store.keep(lease):
+        await clock.advance(2, step=1)
+        assert not lease.lost  # extended at 1 s and 2 s
+        backend.down = True
+        await clock.advance(2, step=1)
+        assert not lease.lost  # 2 s without an extension: the lease may still be ours
+        await clock.advance(3, step=1)
+        assert lease.lost
