@@ -1,6 +1,6 @@
 """The in-memory shared store: Redis's leases, fencing and expiry on the injected clock, and an
 outage modelled by switching its backend off. (The guarantees it shares with Redis run against
-both in tests/test_shared_store.py; these are the ones only a clock can show in milliseconds.)"""
+both in test_shared_store.py; these are the ones only a clock can show in milliseconds.)"""
 
 from __future__ import annotations
 
