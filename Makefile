@@ -30,13 +30,13 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check proxy tests
-	$(PY) -m ruff format --check proxy tests
+	$(PY) -m ruff check proxy tests bench deploy
+	$(PY) -m ruff format --check proxy tests bench deploy
 	$(PY) -m mypy proxy
 
 format: $(STAMP)
-	$(PY) -m ruff format proxy tests
-	$(PY) -m ruff check --fix proxy tests
+	$(PY) -m ruff format proxy tests bench deploy
+	$(PY) -m ruff check --fix proxy tests bench deploy
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -102,23 +102,53 @@ def run(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
+#: How long a forced exit waits for the cancelled drain to unwind before it returns anyway.
+FORCE_GRACE = 1.0
+
+
+class Signals:
+    """What SIGTERM and SIGINT asked for. The handlers only record it, as uvicorn's do; the
+    serving loop acts on it, so nothing runs inside a handler that could block or exit the
+    process from under the event loop (no ``os._exit`` in a handler)."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        """Set by the first signal: drain and exit."""
+        self.force = asyncio.Event()
+        """Set by the second: stop draining and exit now."""
+        self.first: str | None = None
+
+    def handle(self, signame: str) -> None:
+        if self.first is None:
+            self.first = signame
+            self.stop.set()
+        else:
+            self.force.set()
+
+
 async def serve(running: contextlib.AbstractAsyncContextManager[Proxy]) -> int:
-    """Run until SIGTERM or SIGINT; a second signal exits at once."""
-    stop = asyncio.Event()
+    """Run until SIGTERM or SIGINT; a second signal exits at once (code 1)."""
     loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal(signame: str) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            log.warning("second signal: exiting now", extra={"event": "forced_exit"})
-            os._exit(1)
-        log.info("shutting down", extra={"event": "shutdown", "signal": signame})
-        stop.set()
-
+    signals = Signals()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+        loop.add_signal_handler(sig, signals.handle, sig.name)
+    main = asyncio.ensure_future(_serve(running, signals))
+    forced = asyncio.ensure_future(signals.force.wait())
+    try:
+        await asyncio.wait({main, forced}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        forced.cancel()
+    if main.done():
+        return main.result()
+    log.warning("second signal: exiting now", extra={"event": "forced_exit"})
+    main.cancel()
+    # Bounded: a drain that does not unwind promptly is left to the loop's own shutdown.
+    await asyncio.wait({main}, timeout=FORCE_GRACE)
+    return 1
+
+
+async def _serve(running: contextlib.AbstractAsyncContextManager[Proxy], signals: Signals) -> int:
+    loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
     try:
         async with running as proxy:
@@ -133,10 +163,12 @@ async def serve(running: contextlib.AbstractAsyncContextManager[Proxy]) -> int:
 
             loop.add_signal_handler(signal.SIGHUP, on_hangup)
             quit_requested = asyncio.ensure_future(proxy.quit.wait())
-            signalled = asyncio.ensure_future(stop.wait())
+            signalled = asyncio.ensure_future(signals.stop.wait())
             await asyncio.wait({quit_requested, signalled}, return_when=asyncio.FIRST_COMPLETED)
             for task in (quit_requested, signalled):
                 task.cancel()
+            if signals.first is not None:
+                log.info("shutting down", extra={"event": "shutdown", "signal": signals.first})
     except OSError as exc:
         log.error("cannot start", extra={"event": "start_failed", "error": str(exc)})
         return 1

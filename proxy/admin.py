@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from proxy.config import Config
 from proxy.errors import ERROR_HEADER, envelope
+
+if TYPE_CHECKING:
+    from proxy.tokens.manager import TokenManager
 
 
 class AdminTarget(Protocol):
@@ -23,16 +28,22 @@ class AdminTarget(Protocol):
     registry: CollectorRegistry
     enable_quit: bool
 
+    @property
+    def config(self) -> Config:
+        """The running configuration: which upstreams ``/tokens`` lists."""
+        ...
+
+    @property
+    def managers(self) -> Mapping[str, TokenManager]:
+        """Each upstream's token manager, by upstream name (none for ``auth: none``)."""
+        ...
+
     def readiness(self) -> list[str]:
         """Why the proxy is not ready; empty when it is."""
         ...
 
     def readiness_notes(self) -> list[str]:
         """Conditions worth knowing that do not make the proxy unready (a degraded store)."""
-        ...
-
-    def token_status(self) -> dict[str, Any]:
-        """The token-status document: never a token, refresh token or password."""
         ...
 
     def request_quit(self) -> None: ...
@@ -71,7 +82,44 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def tokens(request: web.Request) -> web.Response:
-    return _json(request.app[TARGET].token_status())
+    return _json(token_document(request.app[TARGET]))
+
+
+def token_document(target: AdminTarget) -> dict[str, Any]:
+    """The ``/tokens`` document: each upstream's credential and tokens by state, fingerprint and
+    times; never a token, refresh token or password."""
+    upstreams: list[dict[str, Any]] = []
+    for up in target.config.upstreams:
+        manager = target.managers.get(up.name)
+        entry: dict[str, Any] = {"name": up.name, "auth": up.auth_type, "tokens": []}
+        if manager is not None:
+            cred = manager.source.credential_status()
+            if cred is not None:
+                entry["credential"] = {
+                    "kind": cred.kind,
+                    "fingerprint": cred.fingerprint,
+                    "expires_at": iso(cred.wall_expires_at),
+                    "renewable": cred.renewable,
+                    "last_error": cred.last_error,
+                }
+            entry["tokens"] = [
+                {
+                    "workspace": s.key,
+                    "state": s.state,
+                    "fingerprint": s.fingerprint,
+                    "expires_in": s.expires_in,
+                    "expires_at": iso(s.wall_expires_at),
+                    "fetched_at": iso(s.fetched_wall),
+                    "next_refresh_in": s.next_refresh_in,
+                    "consecutive_failures": s.consecutive_failures,
+                    "last_error": s.last_error,
+                    "pinned": s.pinned,
+                    "idle_for": s.idle_for,
+                }
+                for s in manager.states()
+            ]
+        upstreams.append(entry)
+    return {"ready": not target.readiness(), "upstreams": upstreams}
 
 
 async def quitquitquit(request: web.Request) -> web.Response:

@@ -1,14 +1,15 @@
 """Wiring: turn a :class:`~proxy.config.Config` into running listeners.
 
-:class:`Proxy` owns every resource (client sessions, token managers, listeners) through one
-``AsyncExitStack``, so a start-up that fails half-way releases what it had already opened.
+:class:`Proxy` owns every resource (the shared store, each upstream's client sessions and token
+manager, the listeners, the file watcher) through one ``AsyncExitStack``: a start-up that fails
+half-way releases what it had already opened, and stopping is one ``aclose``. Reload lives in
+:mod:`proxy.reload`, the ``/tokens`` document in :mod:`proxy.admin`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
@@ -16,14 +17,14 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import readtimeout
-from proxy.admin import build_admin, iso
+from proxy.admin import build_admin
 from proxy.clock import Clock, SystemClock
 from proxy.config import (
     Address,
@@ -37,10 +38,10 @@ from proxy.config import (
     read_secret_file,
 )
 from proxy.egress import client_session
-from proxy.errors import ConfigError
 from proxy.forward import ExactHeadersRequest, Forwarder, Route, Router, fresh_session
 from proxy.inbound import GuardedServer, InboundGuard
 from proxy.metrics import ProxyCollector, TokenMetrics, TokenStoreCollector, build_info
+from proxy.reload import Reloader
 from proxy.store import open_store
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.shared import account_of, share
@@ -49,7 +50,7 @@ from proxy.tokens.sources.royalti import RoyaltiSource
 from proxy.tokens.sources.static import StaticSource
 
 if TYPE_CHECKING:
-    from proxy.store.redis_store import RedisStore
+    from proxy.store.base import SharedStore
 
 log = logging.getLogger("proxy")
 #: Connections the kernel queues until the proxy accepts them. With aiohttp's default, 128, a
@@ -146,17 +147,6 @@ class _Upstream:
     stack: contextlib.AsyncExitStack
 
 
-def _stat_all(paths: list[str]) -> dict[str, tuple[int, int, int, float] | None]:
-    out: dict[str, tuple[int, int, int, float] | None] = {}
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out[p] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime)
-        except OSError:
-            out[p] = None
-    return out
-
-
 class Proxy:
     """The running proxy: listeners, routes, token managers, metrics."""
 
@@ -167,8 +157,11 @@ class Proxy:
         clock: Clock | None = None,
         registry: CollectorRegistry | None = None,
         reload_source: Callable[[], Config] | None = None,
+        store: SharedStore | None = None,
     ) -> None:
-        """``reload_source`` loads the configuration again (on SIGHUP or a file change)."""
+        """``reload_source`` loads the configuration again (on SIGHUP or a file change);
+        ``store``, when given, is shared through instead of the one ``token_store`` names (the
+        in-memory store of the tests); the proxy closes it when it stops."""
         self.config = config
         self.clock = clock or SystemClock()
         self.registry = registry or CollectorRegistry()
@@ -185,10 +178,9 @@ class Proxy:
         self._runner: web.BaseRunner | None = None
         self._upstreams: dict[str, _Upstream] = {}
         self._retiring: set[asyncio.Task[None]] = set()
-        self._reload_source = reload_source
-        self._reload_lock = asyncio.Lock()
-        self._watcher: asyncio.Task[None] | None = None
-        self.store: RedisStore | None = None
+        self._reloader = Reloader(self, source=reload_source, clock=self.clock)
+        self._given_store = store
+        self.store: SharedStore | None = None
         """The shared token store (``token_store.type: redis``), opened by :meth:`start`."""
         self._token_metrics = TokenMetrics(self.registry)
         build_info(self.registry)
@@ -207,20 +199,21 @@ class Proxy:
 
     async def start(self) -> None:
         try:
-            # Opened once for the process: token_store changes need a restart, not a reload.
-            self.store = open_store(self.config.token_store, clock=self.clock)
-            if self.store is not None:
-                await self.store.ping()  # a store that is down at start-up is logged, not fatal
             await self._start()
         except BaseException:
-            await self._close_upstreams(list(self._upstreams.values()))
             await self._stack.aclose()
-            if self.store is not None:
-                await self.store.close()
             raise
 
     async def _start(self) -> None:
+        # Callbacks run in reverse: the watcher stops first, then the listeners drain, then the
+        # upstreams (and the retiring ones) close, the store last.
         cfg = self.config
+        # Opened once for the process: token_store changes need a restart, not a reload.
+        self.store = self._given_store or open_store(cfg.token_store, clock=self.clock)
+        if self.store is not None:
+            self._stack.push_async_callback(self.store.close)
+            await self.store.ping()  # a store that is down at start-up is logged, not fatal
+        self._stack.push_async_callback(self._close_upstreams)
         for up in cfg.upstreams:
             self._upstreams[up.name] = await self._open_upstream(up, cfg)
         self._install()
@@ -258,8 +251,7 @@ class Proxy:
                 "can reach it can use its credentials",
                 extra={"event": "unguarded", "listen": str(cfg.listen)},
             )
-        if self._reload_source is not None:
-            self._watcher = asyncio.ensure_future(self._watch_files())
+        await self._stack.enter_async_context(self._reloader.watch())
         # What start-up allocated lives as long as the process: frozen, the cyclic garbage
         # collector stops scanning it over and over under load (2-4 % more throughput).
         gc.collect()
@@ -281,23 +273,14 @@ class Proxy:
         self.draining = True
         in_flight = self.forwarder.in_flight if self.forwarder else 0
         log.info("draining", extra={"event": "draining", "in_flight": in_flight})
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
         cancelled_before = self.forwarder.cancelled if self.forwarder else 0
-        await self._stack.aclose()  # listeners first: they wait for requests in flight
+        await self._stack.aclose()
         cut = (self.forwarder.cancelled if self.forwarder else 0) - cancelled_before
         if cut:
             log.warning(
                 "requests still in flight at shutdown_timeout were cancelled",
                 extra={"event": "shutdown_cancelled", "cancelled": cut},
             )
-        for task in list(self._retiring):
-            task.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
-        await self._close_upstreams(list(self._upstreams.values()))
-        if self.store is not None:
-            await self.store.close()
 
     # -- upstreams ----------------------------------------------------------------------------
 
@@ -417,9 +400,12 @@ class Proxy:
             networks=inbound.allowed_cidrs, secret=secret, header=inbound.shared_secret_header
         )
 
-    async def _close_upstreams(self, ups: list[_Upstream]) -> None:
-        for up in ups:
-            await up.stack.aclose()
+    async def _close_upstreams(self) -> None:
+        """Close every upstream, the running ones and those still retiring after a reload."""
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await _close(list(self._upstreams.values()))
 
     async def _retire(self, ups: list[_Upstream]) -> None:
         """Close replaced upstreams once the requests they are serving have finished."""
@@ -430,116 +416,58 @@ class Proxy:
             while any(u.route.in_flight for u in ups) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         finally:  # at shutdown too, when this wait is cancelled
-            await self._close_upstreams(ups)
+            await _close(ups)
 
     # -- reload -------------------------------------------------------------------------------
 
     async def reload(self, config: Config | None = None) -> bool:
-        """Apply a new configuration without dropping requests in flight.
+        """Apply a new configuration (by default, loaded again) without dropping requests in
+        flight; see :mod:`proxy.reload`. False when it is rejected and the running one kept."""
+        return await self._reloader.reload(config)
 
-        Upstreams whose settings (secrets included) did not change keep their tokens and
+    async def apply(self, config: Config) -> bool:
+        """Upstreams whose settings (secrets included) did not change keep their tokens and
         connections; changed ones get new ones, and the old ones are closed once the requests
-        using them have finished. A configuration that does not load is rejected and the running
-        one kept. Listen addresses cannot change without a restart.
-        """
-        async with self._reload_lock:
-            if config is None:
-                if self._reload_source is None:
-                    return False
-                try:
-                    config = self._reload_source()
-                except ConfigError as exc:
-                    log.error(
-                        "new configuration rejected; keeping the running one",
-                        extra={"event": "reload_rejected", "problems": exc.problems},
-                    )
-                    return False
-            old = self.config
-            for what, before, after in (
-                ("listen", old.listen, config.listen),
-                ("admin.listen", old.admin.listen, config.admin.listen),
-            ):
-                if before != after:
-                    log.warning(
-                        "listen address changes need a restart; keeping the running one",
-                        extra={"event": "reload_ignored", "key": what},
-                    )
-            if old.token_store != config.token_store:
-                log.warning(
-                    "token_store changes need a restart; keeping the running store",
-                    extra={"event": "reload_ignored", "key": "token_store"},
-                )
-            # What the configuration says is what runs: the listeners (and the store) stay.
-            config = dataclasses.replace(
-                config,
-                token_store=old.token_store,
-                listen=old.listen,
-                admin=dataclasses.replace(config.admin, listen=old.admin.listen),
+        using them have finished."""
+        old = self.config
+        keep = {
+            u.name: self._upstreams[u.name]
+            for u in config.upstreams
+            if u.name in self._upstreams
+            and self._upstreams[u.name].config == u
+            and old.tokens == config.tokens
+        }
+        fresh: dict[str, _Upstream] = {}
+        try:
+            for up in config.upstreams:
+                if up.name not in keep:
+                    fresh[up.name] = await self._open_upstream(up, config)
+        except Exception as exc:
+            await _close(list(fresh.values()))
+            log.error(
+                "new configuration could not be applied; keeping the running one",
+                extra={"event": "reload_rejected", "error": str(exc)},
             )
-            keep = {
-                u.name: self._upstreams[u.name]
-                for u in config.upstreams
-                if u.name in self._upstreams
-                and self._upstreams[u.name].config == u
-                and old.tokens == config.tokens
-            }
-            fresh: dict[str, _Upstream] = {}
-            try:
-                for up in config.upstreams:
-                    if up.name not in keep:
-                        fresh[up.name] = await self._open_upstream(up, config)
-            except Exception as exc:
-                await self._close_upstreams(list(fresh.values()))
-                log.error(
-                    "new configuration could not be applied; keeping the running one",
-                    extra={"event": "reload_rejected", "error": str(exc)},
-                )
-                return False
-            replaced = [u for name, u in self._upstreams.items() if name not in keep]
-            self._upstreams = {
-                up.name: keep.get(up.name) or fresh[up.name] for up in config.upstreams
-            }
-            self.config = config
-            self.enable_quit = config.admin.enable_quit
-            self._install()
-            if replaced:
-                task = asyncio.ensure_future(self._retire(replaced))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
-            log.info(
-                "configuration reloaded",
-                extra={
-                    "event": "reloaded",
-                    "kept": sorted(keep),
-                    "renewed": sorted(fresh),
-                    "removed": sorted(
-                        u.config.name for u in replaced if u.config.name not in fresh
-                    ),
-                },
-            )
-            return True
-
-    async def _watch_files(self) -> None:
-        """Reload when the configuration file or any secret file it names changes.
-
-        Kubernetes updates mounted Secrets and ConfigMaps by swapping a symlink, which changes
-        the inode a stat of the path sees.
-        """
-        seen = _stat_all(self._watched())
-        while True:
-            await self.clock.sleep(self.config.reload_poll)
-            now = _stat_all(self._watched())
-            if now != seen:
-                changed = sorted(p for p in now.keys() | seen.keys() if now.get(p) != seen.get(p))
-                log.info("watched file changed", extra={"event": "file_changed", "files": changed})
-                await self.reload()
-                seen = _stat_all(self._watched())
-
-    def _watched(self) -> list[str]:
-        files = list(self.config.watched_files)
-        if self.config.source not in ("environment", "defaults", "test", "demo"):
-            files.append(self.config.source)
-        return files
+            return False
+        replaced = [u for name, u in self._upstreams.items() if name not in keep]
+        self._upstreams = {up.name: keep.get(up.name) or fresh[up.name] for up in config.upstreams}
+        self.config = config
+        self.enable_quit = config.admin.enable_quit
+        self._install()
+        if replaced:
+            task = asyncio.ensure_future(self._retire(replaced))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        log.info(
+            "configuration reloaded",
+            extra={
+                "event": "reloaded",
+                "kept": sorted(keep),
+                "renewed": sorted(fresh),
+                "removed": sorted(u.config.name for u in replaced if u.config.name not in fresh),
+            },
+        )
+        return True
 
     # -- what the admin endpoints show --------------------------------------------------------
 
@@ -566,40 +494,6 @@ class Proxy:
         note = self.store.status_note() if self.store is not None else None
         return [note] if note else []
 
-    def token_status(self) -> dict[str, Any]:
-        upstreams: list[dict[str, Any]] = []
-        for up in self.config.upstreams:
-            manager = self.managers.get(up.name)
-            entry: dict[str, Any] = {"name": up.name, "auth": up.auth_type, "tokens": []}
-            if manager is not None:
-                cred = manager.source.credential_status()
-                if cred is not None:
-                    entry["credential"] = {
-                        "kind": cred.kind,
-                        "fingerprint": cred.fingerprint,
-                        "expires_at": iso(cred.wall_expires_at),
-                        "renewable": cred.renewable,
-                        "last_error": cred.last_error,
-                    }
-                entry["tokens"] = [
-                    {
-                        "workspace": s.key,
-                        "state": s.state,
-                        "fingerprint": s.fingerprint,
-                        "expires_in": s.expires_in,
-                        "expires_at": iso(s.wall_expires_at),
-                        "fetched_at": iso(s.fetched_wall),
-                        "next_refresh_in": s.next_refresh_in,
-                        "consecutive_failures": s.consecutive_failures,
-                        "last_error": s.last_error,
-                        "pinned": s.pinned,
-                        "idle_for": s.idle_for,
-                    }
-                    for s in manager.states()
-                ]
-            upstreams.append(entry)
-        return {"ready": not self.readiness(), "upstreams": upstreams}
-
     def request_quit(self) -> None:
         log.info("quit requested", extra={"event": "quit_requested"})
         self.quit.set()
@@ -610,6 +504,11 @@ class Proxy:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def _close(ups: list[_Upstream]) -> None:
+    for up in ups:
+        await up.stack.aclose()
 
 
 async def _listen(runner: web.BaseRunner, addr: Address) -> str:

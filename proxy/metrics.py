@@ -41,7 +41,7 @@ from proxy.tokens.shared import OUTCOMES, SharedSource
 
 if TYPE_CHECKING:
     from proxy.forward import Forwarder, Route
-    from proxy.store.redis_store import RedisStore
+    from proxy.store.base import SharedStore
 
 PREFIX = "royalti_proxy"
 # The *_created series double the series count for no use on a sidecar's dashboards.
@@ -289,7 +289,7 @@ class TokenStoreCollector(Collector):
     def __init__(
         self,
         *,
-        store: Callable[[], RedisStore | None],
+        store: Callable[[], SharedStore | None],
         managers: Callable[[], dict[str, TokenManager]],
     ) -> None:
         self._store = store

@@ -1,4 +1,5 @@
-"""A real ``redis-server`` for the shared-store tests, and real proxy processes around it.
+"""A real ``redis-server`` for the shared-store tests, real proxy processes around it, and
+:class:`StoreKind`, which runs one test against the in-memory store and against Redis.
 
 The server runs from a configuration file in the test's temporary directory, on a free loopback
 port, with persistence off (``save ""``, ``appendonly no``); it is killed at the end of the test
@@ -17,13 +18,22 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
 import yaml
+from redis.asyncio import Redis
 
+from proxy.clock import FakeClock, SystemClock
+from proxy.store.base import SharedStore
+from proxy.store.memory import MemoryBackend, MemoryStore
+from proxy.store.records import Names
+from proxy.store.redis_store import RedisStore
+from proxy.store.seal import Sealer
 from tests.conftest import free_port, spawn_proxy
+
+T = TypeVar("T")
 
 POLL = 0.05
 
@@ -177,3 +187,70 @@ async def stop_all(procs: list[asyncio.subprocess.Process]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+@dataclass
+class StoreKind:
+    """One implementation of the shared store under test: ``memory`` (in this process, leases on
+    the injected clock) or ``redis`` (a real server, leases on its clock). The same test runs
+    against both; these are the few things that differ between them."""
+
+    kind: str
+    clock: FakeClock
+    key: str
+    redis: RedisServer | None = None
+    memory: MemoryBackend | None = None
+
+    def store(self, *, lease: float = 15.0, prefix: str = "t") -> SharedStore:
+        """A fresh handle on the shared store, as one replica has."""
+        if self.memory is not None:
+            return MemoryStore(self.memory, prefix=prefix, lease=lease)
+        assert self.redis is not None
+        return RedisStore(
+            Redis.from_url(self.redis.url),
+            sealer=Sealer([self.key.encode()]),
+            clock=SystemClock(),
+            prefix=prefix,
+            lease=lease,
+        )
+
+    async def expire_locks(self, raw: Redis | None, pattern: str = "*") -> None:
+        """What expiry does to every lease whose holder stalled: they are gone."""
+        if self.memory is not None:
+            self.memory.locks.clear()
+            return
+        assert raw is not None
+        for lock in [k async for k in raw.scan_iter(f"{pattern}lock:*")]:
+            await raw.delete(lock)
+
+    async def plant_lock(self, raw: Redis | None, names: Names, seconds: float) -> None:
+        """A lease held by a replica that then crashed: it expires after ``seconds``."""
+        if self.memory is not None:
+            self.memory.locks[names.lock] = (
+                "a-replica-that-crashed",
+                self.clock.monotonic() + seconds,
+            )
+            return
+        assert raw is not None
+        await raw.set(names.lock, "a-replica-that-crashed", px=int(seconds * 1000))
+
+    async def elapse(self, seconds: float) -> None:
+        """Let ``seconds`` pass on the clock leases expire on."""
+        if self.memory is not None:
+            await self.clock.advance(seconds)
+        else:
+            await asyncio.sleep(seconds)  # the Redis server's clock: real time
+
+    async def timed(self, work: Awaitable[T], step: float = 0.05) -> tuple[T, float]:
+        """``work``'s result and how long it took on the lease clock: for memory, the clock is
+        moved forward in ``step``s until it is done."""
+        task = asyncio.ensure_future(work)
+        if self.memory is None:
+            started = time.monotonic()
+            result = await task
+            return result, time.monotonic() - started
+        started = self.clock.monotonic()
+        while not task.done():
+            await self.clock.advance(step)
+            await asyncio.wait({task}, timeout=0.02)
+        return task.result(), self.clock.monotonic() - started

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+from aiohttp import web
 
 from proxy.clock import FakeClock
 from proxy.errors import ConfigError, CredentialRejected, RateLimited, TokenFetchError
@@ -132,7 +133,7 @@ async def test_password_grant_comes_first_then_the_refresh_grant_with_the_newest
     assert fake.is_valid(second.value)
     assert source.kind == "oauth2_password"
     assert source.per_workspace is False
-    assert source.grant_calls == {"password": 1, "refresh_token": 1}
+    assert fake.calls == {"password": 1, "refresh_token": 1}
 
 
 async def test_refresh_token_rotates_on_every_fetch_and_none_is_ever_sent_twice(
@@ -169,7 +170,7 @@ async def test_invalid_grant_on_refresh_falls_back_to_one_password_grant_in_the_
 
     assert [f["grant_type"] for f in fake.forms] == ["password", "refresh_token", "password"]
     assert fake.is_valid(token.value)
-    assert source.grant_calls == {"password": 2, "refresh_token": 1}
+    assert fake.calls == {"password": 2, "refresh_token": 1}
     # The chain goes on from the fallback's refresh token.
     await source.fetch(SINGLE_KEY)
     assert fake.forms[-1]["refresh_token"] == fake.refresh_issued[-2]
@@ -212,12 +213,29 @@ async def test_a_refresh_lost_on_the_network_is_followed_by_a_password_grant(
     url = await serve(fake)
     source = make_source(url, session, clock)
     await source.fetch(SINGLE_KEY)
-    # Same source, endpoint moved to a closed port: the refresh token leaves and never returns.
-    source.token_url = "http://127.0.0.1:9/token"
-    with pytest.raises(TokenFetchError) as info:
-        await source.fetch(SINGLE_KEY)
+    # Same source, endpoint moved to one that drops the connection: the refresh token leaves
+    # and never returns.
+    lost: list[str] = []
+
+    async def drop(request: web.Request) -> web.Response:
+        lost.append(str((await request.post())["grant_type"]))
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+
+    dropping = web.Application()
+    dropping.router.add_post("/token", drop)
+    runner = web.AppRunner(dropping)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        source.token_url = f"http://127.0.0.1:{runner.addresses[0][1]}/token"
+        with pytest.raises(TokenFetchError) as info:
+            await source.fetch(SINGLE_KEY)
+    finally:
+        await runner.cleanup()
     assert info.value.code == "NETWORK"
-    assert source.grant_calls["refresh_token"] == 1
+    assert lost == ["refresh_token"]
 
     source.token_url = f"{url}/token"
     await source.fetch(SINGLE_KEY)

@@ -15,11 +15,14 @@ INTERVAL = float(os.environ.get("INTERVAL", "30"))
 
 
 def get(path: str, secret: str | None) -> str:
-    request = urllib.request.Request(PROXY_URL + path)
+    # Only http(s): urllib would also open file: and custom schemes (ruff's S310).
+    if not PROXY_URL.startswith(("http://", "https://")):
+        return f"ROYALTI_PROXY_URL is not an http(s) URL: {PROXY_URL}"
+    request = urllib.request.Request(PROXY_URL + path)  # noqa: S310 (scheme checked above)
     if secret is not None:
         request.add_header("X-Proxy-Secret", secret)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (as above)
             return f"{response.status} ({len(response.read())} bytes)"
     except urllib.error.HTTPError as exc:
         return f"{exc.code} {exc.headers.get('X-Royalti-Proxy-Error', '')}".rstrip()

@@ -36,7 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
-from proxy.clock import Clock
+from proxy.clock import Clock, SystemClock
 from proxy.config import TokenStoreConfig
 from proxy.errors import ConfigError
 from proxy.store.records import Lease, Names, Record, Snapshot, StoreUnavailable
@@ -119,6 +119,8 @@ class RedisStore:
         self.probe_interval = probe_interval
         self.poll_interval = poll_interval
         """How often a replica waiting for another's renewal looks again (real time)."""
+        self.lease_clock: Clock = SystemClock()
+        """Real time, not the injected clock: leases expire on the Redis server's clock."""
         self.where = where
         """``host:port`` of the server, for logs: never the URL, which may hold a password."""
         self.degraded = False

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import math
 import random
-from collections import Counter
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -119,7 +118,6 @@ class TokenManager:
         self.hits = 0
         self.misses = 0
         self.waits = 0
-        self.fetches: Counter[str] = Counter()  # by outcome: success | error code
 
     # -- the hot path -------------------------------------------------------------------------
 
@@ -244,7 +242,6 @@ class TokenManager:
         entry.last_error = None
         entry.next_attempt = 0.0
         entry.next_refresh = token.refresh_at(self._rng)
-        self.fetches["success"] += 1
         log.info(
             "token renewed" if previous is not None else "token fetched",
             extra={
@@ -263,7 +260,6 @@ class TokenManager:
         now = self._clock.monotonic()
         entry.failures += 1
         entry.last_error = exc.code
-        self.fetches[exc.code] += 1
         delay = retry_delay(
             exc,
             entry.failures,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import logging
 import math
 import re
@@ -153,8 +152,6 @@ class OAuth2Source:
         self._lock = asyncio.Lock()
         self._warned_default_lifetime = False
         self._last_error: str | None = None
-        #: Grant calls sent, by ``grant_type`` (for tests and metrics).
-        self.grant_calls: collections.Counter[str] = collections.Counter()
         self.observer: FetchObserver = ignore
 
     async def fetch(self, key: str) -> Token:
@@ -240,7 +237,6 @@ class OAuth2Source:
             form["scope"] = self._scope
         requested_at = self._clock.monotonic()
         wall_requested_at = self._clock.wall()
-        self.grant_calls[grant_type] += 1
         resp = await call_token_endpoint(
             self._session,
             "POST",

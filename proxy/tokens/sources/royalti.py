@@ -93,8 +93,6 @@ class RoyaltiSource:
         self._warned_expiry_for: str | None = None
         self.workspaces: dict[str, str] = {}
         """Workspace id -> name, from the last login."""
-        self.login_calls = 0
-        self.authtoken_calls = 0
 
     @property
     def can_login(self) -> bool:
@@ -123,7 +121,6 @@ class RoyaltiSource:
         if self._user_id:
             params["userId"] = self._user_id
         requested_at, wall_at = self._clock.monotonic(), self._clock.wall()
-        self.authtoken_calls += 1
         resp = await call_token_endpoint(
             self._session,
             "GET",
@@ -330,7 +327,6 @@ class RoyaltiSource:
 
     async def _login_once(self, email: str, password: Secret) -> Token:
         requested_at, wall_at = self._clock.monotonic(), self._clock.wall()
-        self.login_calls += 1
         resp = await call_token_endpoint(
             self._session,
             "POST",

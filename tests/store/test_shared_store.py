@@ -5,6 +5,8 @@ exactly one renews a given token at a time; a replica whose lease expired cannot
 newer value; values are encrypted and bound to their key; a Redis that is down or slow makes
 each replica renew locally within the store's timeout, and they share again once it is back.
 
+The tests of leases, fencing and rotation run twice: against the in-memory store (leases on the
+injected clock, in milliseconds) and against Redis (:class:`~tests.store_helpers.StoreKind`).
 In-process tests run several :class:`~proxy.app.Proxy` instances (each with its own Redis
 connections) on the injected clock; the last tests run five real ``python -m proxy run``
 processes against one Redis and one fake upstream, with token lifetimes of a few seconds.
@@ -13,10 +15,11 @@ processes against one Redis and one fake upstream, with token lifetimes of a few
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +31,19 @@ from cryptography.fernet import Fernet
 from redis.asyncio import Redis
 
 from proxy.app import Proxy
-from proxy.clock import FakeClock, SystemClock
+from proxy.clock import FakeClock
 from proxy.config import build
 from proxy.errors import ConfigError
 from proxy.fake_oauth2 import FakeOAuth2, start_fake_oauth2
 from proxy.fake_royalti import FakeRoyalti, start_fake
-from proxy.store.redis_store import RedisStore
-from proxy.store.seal import Sealer
+from proxy.store.memory import MemoryBackend
 from proxy.tokens.shared import SharedSource
 from tests.binaries import require_binary
 from tests.conftest import ROOT, WS, ProxyFactory, royalti_config
 from tests.store_helpers import (
     RedisServer,
     Replica,
+    StoreKind,
     poll,
     start_replicas,
     stop_all,
@@ -81,6 +84,53 @@ def key() -> str:
     return Fernet.generate_key().decode()
 
 
+@pytest.fixture(params=["memory", "redis"])
+def kind(request: pytest.FixtureRequest, clock: FakeClock, key: str) -> StoreKind:
+    """The store implementation a test of leases and fencing runs against."""
+    if request.param == "memory":
+        return StoreKind("memory", clock, key, memory=MemoryBackend(clock))
+    return StoreKind("redis", clock, key, redis=request.getfixturevalue("redis_server"))
+
+
+@pytest.fixture
+async def raw_of(kind: StoreKind) -> AsyncIterator[Redis | None]:
+    """A plain client on the Redis under test; None for the memory store."""
+    if kind.redis is None:
+        yield None
+        return
+    client = Redis.from_url(kind.redis.url)
+    yield client
+    await client.aclose()
+
+
+StartShared = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def start_shared(
+    kind: StoreKind, start_proxy: ProxyFactory, clock: FakeClock
+) -> AsyncIterator[StartShared]:
+    """``await start_shared(config, lease=...)``: a proxy sharing tokens through the store
+    under test (``token_store`` for Redis, an injected :class:`MemoryStore` otherwise)."""
+    started: list[Proxy] = []
+
+    async def factory(config: dict[str, Any], *, lease: float | None = None) -> Proxy:
+        if kind.redis is not None:
+            extra = {"lease": f"{round(lease * 1000)}ms"} if lease is not None else {}
+            store = store_config(kind.redis.url, kind.key, **extra)
+            return await start_proxy({**config, "token_store": store})
+        built = build(copy.deepcopy(config), {}, source="test")
+        store_ = kind.store(lease=lease if lease is not None else 15.0, prefix=PREFIX)
+        proxy = Proxy(built, clock=clock, store=store_)
+        await proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in reversed(started):
+        await proxy.stop()
+
+
 def store_config(url: str, key: str, **extra: Any) -> dict[str, Any]:
     # Several proxies share this test's event loop, and each one's start-up blocks it for a
     # while (TLS contexts): a timeout that fits one proxy per process would fire here by chance.
@@ -95,11 +145,10 @@ def royalti_shared(fake_url: str, url: str, key: str, **store: Any) -> dict[str,
     return config
 
 
-def vbot_shared(oauth_url: str, url: str, key: str) -> dict[str, Any]:
+def vbot_config(oauth_url: str) -> dict[str, Any]:
     return {
         "listen": "127.0.0.1:0",
         "admin": {"listen": "127.0.0.1:0"},
-        "token_store": store_config(url, key),
         "upstreams": [
             {
                 "name": "vbot",
@@ -176,17 +225,15 @@ async def oauth_url(oauth: FakeOAuth2, gate: Gate) -> AsyncIterator[str]:
 
 
 async def test_a_replica_whose_lease_expired_can_neither_write_nor_release_the_new_holders_lease(
-    redis_server: RedisServer, raw: Redis, key: str
+    kind: StoreKind, raw_of: Redis | None
 ) -> None:
-    store = RedisStore(
-        Redis.from_url(redis_server.url), sealer=Sealer([key.encode()]), clock=SystemClock()
-    )
+    store = kind.store()
     try:
         names = store.names("token", "up:acct:ws")
         old = await store.acquire(names)
         assert old is not None
         assert await store.acquire(names) is None  # SET NX: one holder at a time
-        await raw.delete(names.lock)  # what expiry does to a holder that stalled
+        await kind.expire_locks(raw_of, f"{PREFIX}:")  # what expiry does to a stalled holder
         new = await store.acquire(names)
         assert new is not None
         assert await store.write(new, version=0, payload={"v": "new"}, life=60) == 1
@@ -206,21 +253,16 @@ async def test_a_replica_whose_lease_expired_can_neither_write_nor_release_the_n
 
 
 async def test_a_holder_that_is_alive_keeps_its_lease_however_long_the_renewal_takes(
-    redis_server: RedisServer, key: str
+    kind: StoreKind,
 ) -> None:
-    store = RedisStore(
-        Redis.from_url(redis_server.url),
-        sealer=Sealer([key.encode()]),
-        clock=SystemClock(),
-        lease=0.3,
-    )
+    store = kind.store(lease=0.3)
     try:
         names = store.names("token", "up:acct:ws")
         lease = await store.acquire(names)
         assert lease is not None
         async with store.keep(lease):
             for _ in range(8):  # 0.8 s: well past the 0.3 s lease
-                await asyncio.sleep(0.1)
+                await kind.elapse(0.1)
                 assert await store.acquire(names) is None
         assert not lease.lost
         await store.release(lease)
@@ -230,22 +272,18 @@ async def test_a_holder_that_is_alive_keeps_its_lease_however_long_the_renewal_t
 
 
 async def test_a_replica_that_died_holding_the_lease_delays_the_others_by_at_most_the_lease(
-    start_proxy: ProxyFactory,
+    start_shared: StartShared,
+    kind: StoreKind,
     fake: FakeRoyalti,
     fake_url: str,
-    redis_server: RedisServer,
-    raw: Redis,
-    key: str,
+    raw_of: Redis | None,
 ) -> None:
-    config = royalti_shared(fake_url, redis_server.url, key, lease="500ms")
-    config["upstreams"][0]["auth"].pop("default_workspace")
-    proxy = await start_proxy(config)
+    proxy = await start_shared(royalti_config(fake_url), lease=0.5)
     source = shared(proxy)
     names = source.store.names("token", f"{source.scope}:{WS[1]}")
-    await raw.set(names.lock, "a-replica-that-crashed", px=500)
-    started = time.monotonic()
-    token = await proxy.managers["royalti"].get(WS[1])
-    assert 0.3 < time.monotonic() - started < 0.5 + 1.0
+    await kind.plant_lock(raw_of, names, 0.5)
+    token, took = await kind.timed(proxy.managers["royalti"].get(WS[1]))
+    assert 0.3 < took < 0.5 + 1.0
     assert token.value
     assert fake.authtoken_calls[WS[1]] == 1
     assert source.outcomes["renewed"] == 1
@@ -308,15 +346,13 @@ async def test_a_bad_encryption_key_is_refused_by_check_config_naming_the_key_no
 
 
 async def test_five_replicas_cold_start_under_load_log_in_once_and_fetch_each_workspace_once(
-    start_proxy: ProxyFactory,
+    start_shared: StartShared,
     fake: FakeRoyalti,
     fake_url: str,
-    redis_server: RedisServer,
-    key: str,
     http: aiohttp.ClientSession,
 ) -> None:
-    config = royalti_shared(fake_url, redis_server.url, key)
-    proxies = await asyncio.gather(*(start_proxy(config) for _ in range(5)))
+    config = royalti_config(fake_url, default_workspace=WS[0])
+    proxies = await asyncio.gather(*(start_shared(config) for _ in range(5)))
     statuses = await asyncio.gather(
         *(status(http, p, "/user/", ws) for p in proxies for ws in WS for _ in range(5))
     )
@@ -329,12 +365,11 @@ async def test_five_replicas_cold_start_under_load_log_in_once_and_fetch_each_wo
 
 
 async def test_a_failed_login_is_shared_so_other_replicas_do_not_each_hit_the_rate_limit(
-    start_proxy: ProxyFactory, fake: FakeRoyalti, fake_url: str, redis_server: RedisServer, key: str
+    start_shared: StartShared, fake: FakeRoyalti, fake_url: str
 ) -> None:
     fake.login_failures = [(429, 30)]
-    proxies = await asyncio.gather(
-        *(start_proxy(royalti_shared(fake_url, redis_server.url, key)) for _ in range(5))
-    )
+    config = royalti_config(fake_url, default_workspace=WS[0])
+    proxies = await asyncio.gather(*(start_shared(config) for _ in range(5)))
     await idle(*proxies)
     assert fake.login_calls == 1
     for p in proxies:
@@ -344,16 +379,14 @@ async def test_a_failed_login_is_shared_so_other_replicas_do_not_each_hit_the_ra
 
 
 async def test_oauth2_rotation_across_three_replicas_never_sends_a_refresh_token_twice(
-    start_proxy: ProxyFactory,
+    start_shared: StartShared,
     clock: FakeClock,
     oauth: FakeOAuth2,
     oauth_url: str,
-    redis_server: RedisServer,
-    key: str,
     http: aiohttp.ClientSession,
 ) -> None:
-    config = vbot_shared(oauth_url, redis_server.url, key)
-    proxies = [await start_proxy(config) for _ in range(3)]
+    config = vbot_config(oauth_url)
+    proxies = [await start_shared(config) for _ in range(3)]
     await idle(*proxies)
     for i in range(5 * 30):  # five 899 s lifetimes, a request every 30 s
         await clock.advance(30, step=10)
@@ -367,16 +400,15 @@ async def test_oauth2_rotation_across_three_replicas_never_sends_a_refresh_token
 
 
 async def test_lease_expiry_during_a_slow_renewal_does_not_let_both_renewals_win(
-    start_proxy: ProxyFactory,
+    start_shared: StartShared,
+    kind: StoreKind,
     oauth: FakeOAuth2,
     oauth_url: str,
     gate: Gate,
-    redis_server: RedisServer,
-    raw: Redis,
-    key: str,
+    raw_of: Redis | None,
 ) -> None:
-    config = vbot_shared(oauth_url, redis_server.url, key)
-    a, b = await start_proxy(config), await start_proxy(config)
+    config = vbot_config(oauth_url)
+    a, b = await start_shared(config), await start_shared(config)
     await idle(a, b)
     source_a, source_b = shared(a, "vbot"), shared(b, "vbot")
     assert oauth.calls["password"] == 1  # b adopted a's token
@@ -385,8 +417,7 @@ async def test_lease_expiry_during_a_slow_renewal_does_not_let_both_renewals_win
     slow = asyncio.ensure_future(source_a.fetch("-"))  # a renews: its refresh grant hangs
     await asyncio.wait_for(gate.entered.wait(), 5)
     # a stalls past its leases (a GC pause, a partition): they expire.
-    for lock in [k async for k in raw.scan_iter(f"{PREFIX}:lock:*")]:
-        await raw.delete(lock)
+    await kind.expire_locks(raw_of, f"{PREFIX}:")
     won = await source_b.fetch("-")  # b takes over: the refresh token a sent is not sent again
     gate.release.set()
     late = await asyncio.wait_for(slow, 5)
@@ -396,7 +427,7 @@ async def test_lease_expiry_during_a_slow_renewal_does_not_let_both_renewals_win
     assert source_a.outcomes["fenced"] == 1  # a's writes were refused
     assert oauth.reused_refresh_tokens == 0
     # The store holds b's token: a newcomer adopts it.
-    c = await start_proxy(config)
+    c = await start_shared(config)
     await idle(c)
     token_c = c.managers["vbot"].peek("-")
     assert token_c is not None and token_c.value == won.value
