@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import inbound
 from proxy.config import build
 from proxy.errors import ConfigError
 from proxy.inbound import Notices
@@ -284,3 +285,17 @@ def test_attack_notices_log_one_info_line_per_interval_and_debug_lines_between(c
         now[0] = 301.0
         notices.note(peer="p")  # a DEBUG line nobody reads is not even built
     assert caplog.records == []
+
+
+async def test_an_aiohttp_without_the_request_counter_gets_no_header_deadline_and_a_warning(
+    monkeypatch, caplog
+):
+    monkeypatch.setattr(inbound, "HANDLER_PRIVATE", ("_no_such_counter",))
+
+    async def handler(request):
+        return web.Response()
+
+    with caplog.at_level("WARNING", logger="proxy.http"):
+        server = inbound.GuardedServer(handler, header_timeout=0.1, access_log=None)
+    assert [getattr(r, "event", None) for r in caplog.records] == ["header_timeout_fallback"]
+    assert server().connection_made.__func__ is web.RequestHandler.connection_made
