@@ -4,7 +4,10 @@
 
     ProxyError                     code, status: every error the proxy itself answers with
     ├── ConfigError                bad configuration (carries one line per problem)
+    ├── InternalError              500 INTERNAL_ERROR: a request the proxy failed to handle (a bug)
     ├── RequestError               the client's request cannot be served as sent
+    │   ├── MalformedRequest       400 MALFORMED_REQUEST (refused by the HTTP parser: oversized
+    │   │                          headers, ambiguous framing, bad chunking, bad request line)
     │   ├── BadTarget              400 INVALID_REQUEST_TARGET (absolute-form, CONNECT, dot
     │   │                          segments, ...)
     │   ├── ExpectationFailed      417 EXPECTATION_FAILED (an Expect other than 100-continue)
@@ -79,7 +82,17 @@ class ConfigError(ProxyError):
         return "\n".join(self.problems)
 
 
+class InternalError(ProxyError):
+    code = "INTERNAL_ERROR"
+    status = 500
+
+
 class RequestError(ProxyError):
+    status = 400
+
+
+class MalformedRequest(RequestError):
+    code = "MALFORMED_REQUEST"
     status = 400
 
 

@@ -27,6 +27,10 @@ WS = ("786acdf7-fa3e-4ab2-91d5-13f0b6a8ad97", "ws-beta", "ws-gamma", "ws-delta")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: pytester: for the tests of the suite's own checks. tests.loop_exceptions: every event loop's
+#: exception handler fails the test that made it report (see that module).
+pytest_plugins = ("pytester", "tests.loop_exceptions")
+
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 Serve = Callable[[web.Application], Awaitable[str]]
 

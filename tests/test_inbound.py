@@ -4,6 +4,7 @@ limits on headers, bodies, concurrency and slow clients."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 
@@ -11,8 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import inbound
 from proxy.config import build
 from proxy.errors import ConfigError
+from proxy.inbound import Notices
 
 TOKEN = "inbound-test-token"
 
@@ -231,3 +234,68 @@ async def test_a_malformed_request_is_one_info_line_not_an_error_with_a_tracebac
     assert bad[0].levelname == "INFO"
     assert bad[0].exc_info is None
     assert not [r for r in caplog.records if r.levelno >= 40]  # no ERROR, no traceback
+
+
+async def test_200_slowloris_connections_are_cut_at_the_deadline_without_a_traceback(
+    upstream, start_proxy, caplog, loop_exceptions
+):
+    # Real time again (the proxy's own timer); every connection is cut, and what it costs the
+    # log is one DEBUG line each and a single INFO line for the burst.
+    proxy = await start_proxy(config(upstream["url"], limits={"header_timeout": 0.5}))
+    host, port = proxy.addresses["proxy"].removeprefix("http://").split(":")
+    with caplog.at_level("DEBUG"):
+        conns = []
+        for _ in range(200):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+            conns.append((reader, writer))
+        data = await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in conns)), timeout=20)
+        for _, writer in conns:
+            writer.close()
+    assert data == [b""] * 200  # each closed by the proxy, nothing answered
+    assert upstream["seen"] == []
+    assert loop_exceptions.take() == []  # the plugin would fail the test too; said here
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    cuts = [r for r in caplog.records if getattr(r, "event", None) == "header_timeout"]
+    assert len(cuts) == 200
+    (info,) = [r for r in cuts if r.levelno == logging.INFO]
+    assert (info.count, info.peer) == (1, "127.0.0.1")
+    assert all(r.levelno == logging.DEBUG for r in cuts if r is not info)
+
+
+def test_attack_notices_log_one_info_line_per_interval_and_debug_lines_between(caplog):
+    now = [100.0]
+    notices = Notices("header_timeout", "cut", interval=60.0, now=lambda: now[0])
+    with caplog.at_level("DEBUG", logger="proxy.http"):
+        for t in (100.0, 110.0, 159.9, 160.0, 161.0, 300.0):
+            now[0] = t
+            notices.note(peer="p")
+    levels = [(r.levelname, getattr(r, "count", None)) for r in caplog.records]
+    # The first of a burst at once; then how many since the last INFO line, at most once a minute.
+    assert levels == [
+        ("INFO", 1),
+        ("DEBUG", None),
+        ("DEBUG", None),
+        ("INFO", 3),
+        ("DEBUG", None),
+        ("INFO", 2),
+    ]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="proxy.http"):
+        now[0] = 301.0
+        notices.note(peer="p")  # a DEBUG line nobody reads is not even built
+    assert caplog.records == []
+
+
+async def test_an_aiohttp_without_the_request_counter_gets_no_header_deadline_and_a_warning(
+    monkeypatch, caplog
+):
+    monkeypatch.setattr(inbound, "HANDLER_PRIVATE", ("_no_such_counter",))
+
+    async def handler(request):
+        return web.Response()
+
+    with caplog.at_level("WARNING", logger="proxy.http"):
+        server = inbound.GuardedServer(handler, header_timeout=0.1, access_log=None)
+    assert [getattr(r, "event", None) for r in caplog.records] == ["header_timeout_fallback"]
+    assert server().connection_made.__func__ is web.RequestHandler.connection_made

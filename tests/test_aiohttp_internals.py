@@ -1,0 +1,183 @@
+"""Every private aiohttp attribute and method the proxy relies on, in one list, checked against
+the installed aiohttp. ``pyproject.toml`` pins aiohttp to the minor version this list was
+verified with; an upgrade that removes or changes one of them fails here, naming it and its
+fallback, before it changes what the proxy sends.
+
+A name being present is not enough where the proxy *sets* it for aiohttp to read (the class
+attributes): aiohttp's own code must still read it, so its code objects are searched for the
+name. Where the proxy overrides or calls a method, its signature is compared too.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
+
+from proxy import readtimeout
+from proxy.inbound import HANDLER_PRIVATE
+
+
+@dataclass(frozen=True)
+class Internal:
+    owner: type
+    name: str
+    used_by: str
+    fallback: str
+    signature: tuple[str, ...] | None = None
+    """Parameter names, for a method the proxy overrides or calls."""
+    read_by_aiohttp: bool = False
+    """The proxy sets it; some aiohttp method must still read it for that to mean anything."""
+
+
+def _methods(cls: type) -> list[Callable[..., object]]:
+    found = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("aiohttp"):
+            for value in vars(klass).values():
+                func = getattr(value, "fget", value)  # properties too
+                if inspect.isfunction(func):
+                    found.append(func)
+    return found
+
+
+def _read_by(cls: type, name: str) -> bool:
+    return any(name in func.__code__.co_names for func in _methods(cls))
+
+
+INTERNALS = (
+    Internal(
+        aiohttp.ClientRequest,
+        "_skip_auto_headers",
+        "forward.py ExactHeadersRequest.update_auto_headers",
+        "pass skip_auto_headers= with each upstream request (public, about 7 % slower)",
+        read_by_aiohttp=True,
+    ),
+    Internal(
+        aiohttp.ClientRequest,
+        "update_auto_headers",
+        "forward.py ExactHeadersRequest (overridden: adds none of aiohttp's own headers)",
+        "skip_auto_headers= with each request",
+        signature=("self", "skip_auto_headers"),
+    ),
+    Internal(
+        aiohttp.ClientRequest,
+        "update_headers",
+        "forward.py ExactHeadersRequest (overridden: one C-level extend)",
+        "drop the override: aiohttp's own copies the headers one by one (slower, same result)",
+        signature=("self", "headers"),
+    ),
+    Internal(
+        web.StreamResponse,
+        "_send_headers_immediately",
+        "forward.py _OneWriteResponse (head and first body bytes in one write)",
+        "none needed: without it the head goes out in a write of its own (same bytes)",
+        read_by_aiohttp=True,
+    ),
+    *(
+        Internal(
+            web.RequestHandler,
+            name,
+            "inbound.py _GuardedHandler._header_deadline",
+            "GuardedServer warns at start-up and arms no header deadline; "
+            "limits.idle_timeout still closes idle connections",
+        )
+        for name in HANDLER_PRIVATE
+    ),
+    Internal(
+        web.RequestHandler,
+        "handle_error",
+        "inbound.py _GuardedHandler (overridden: the envelope on the HTTP layer's answers)",
+        "none: aiohttp's plain-text answers (tests/test_http_errors.py fails too)",
+        signature=("self", "request", "status", "exc", "message"),
+    ),
+    *(
+        Internal(
+            ResponseHandler,
+            name,
+            "readtimeout.py LazyReadTimeoutHandler (overridden or called)",
+            "install() checks them and otherwise keeps aiohttp's own read timer (slower)",
+            signature=("self",),
+        )
+        for name in ("_reschedule_timeout", "_drop_timeout", "_on_read_timeout")
+    ),
+    Internal(
+        aiohttp.ClientSession,
+        "_retry_connection",
+        "forward.py fresh_session (turned off: the proxy's own retry is one new connection)",
+        "fresh_session's hasattr guard leaves aiohttp's retry on: an idempotent request may "
+        "reach the upstream once more",
+        read_by_aiohttp=True,
+    ),
+    Internal(
+        aiohttp.BaseConnector,
+        "_factory",
+        "readtimeout.install (swaps the connector's protocol factory)",
+        "install() returns False and the connector keeps aiohttp's protocol",
+    ),
+)
+
+
+#: Set on instances only (no class default): looked for on a protocol that is never connected,
+#: as readtimeout.install itself does.
+INSTANCE_ONLY = tuple(
+    name for name in readtimeout._USED if name in ("_read_timeout", "_read_timeout_handle", "_loop")
+)
+
+
+async def test_every_private_aiohttp_name_the_proxy_uses_is_there_and_unchanged() -> None:
+    broken: list[str] = []
+    for item in INTERNALS:
+        where = f"{item.owner.__qualname__}.{item.name} ({item.used_by}; fallback: {item.fallback})"
+        attr = getattr(item.owner, item.name, None)
+        if attr is None and not _read_by(item.owner, item.name):
+            broken.append(f"missing: {where}")
+            continue
+        if item.read_by_aiohttp and not _read_by(item.owner, item.name):
+            broken.append(f"no longer read by aiohttp: {where}")
+        if item.signature is not None:
+            params = tuple(inspect.signature(attr).parameters) if callable(attr) else ()
+            if params != item.signature:
+                broken.append(f"signature {params} != {item.signature}: {where}")
+    connector = aiohttp.TCPConnector()
+    try:
+        factory = connector._factory
+        if not isinstance(factory, functools.partial) or factory.func is not ResponseHandler:
+            broken.append(
+                "BaseConnector._factory is not a partial of ResponseHandler (readtimeout)"
+            )
+        else:
+            probe = factory()
+            broken += [
+                f"missing on ResponseHandler instances: {name} (readtimeout.py)"
+                for name in INSTANCE_ONLY
+                if not hasattr(probe, name)
+            ]
+        if not readtimeout.install(connector):
+            broken.append("readtimeout.install() refused the connector: see its fallback")
+    finally:
+        await connector.close()
+    # The methods the proxy overrides must still be the ones aiohttp calls.
+    calls = {
+        (aiohttp.ClientRequest, "__init__"): ("update_headers", "update_auto_headers"),
+        (web.RequestHandler, "data_received"): HANDLER_PRIVATE,
+    }
+    for (owner, method), names in calls.items():
+        code = getattr(owner, method).__code__
+        broken += [
+            f"{owner.__qualname__}.{method} no longer uses {n}"
+            for n in names
+            if n not in code.co_names
+        ]
+    # GuardedServer passes web.Server's own keyword arguments through and keeps the rest for the
+    # handlers it builds: the split must still be the one web.Server makes.
+    server_params = inspect.signature(web.Server.__init__).parameters
+    for name in ("request_factory", "handler_cancellation", "loop", "kwargs"):
+        if name not in server_params:
+            broken.append(f"web.Server.__init__ has no {name} (inbound.py GuardedServer)")
+    assert not broken, "aiohttp internals the proxy uses changed:\n" + "\n".join(broken)
