@@ -326,7 +326,7 @@ async def test_post_after_an_idle_gap_goes_on_a_new_connection_when_the_pool_idl
     FIN on a pooled connection and fail (not idempotent: never sent twice). The proxy's pool,
     ``keepalive_timeout: 0.1s``, has let the connection go by then and opens a new one.
 
-    The one test here where real time passes: what is tested is the idle time of aiohttp's
+    Real time passes here on purpose: what is tested is the idle time of aiohttp's
     pool and of aiohttp's server, both measured on the real monotonic clock (3 gaps, about
     1 s in all)."""
     upstream_idle, fin_delay, pool_idle, gap = 0.2, 0.2, 0.1, 0.3
