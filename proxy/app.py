@@ -295,7 +295,9 @@ class Proxy:
                 if token_setting.ca_file == up.egress.ca_file
                 else ssl_context(up.tls, extra_ca=token_setting.ca_file)
             )
-            connector = aiohttp.TCPConnector(limit=up.max_connections, ssl=tls)
+            connector = aiohttp.TCPConnector(
+                limit=up.max_connections, ssl=tls, keepalive_timeout=up.keepalive_timeout
+            )
             readtimeout.install(connector)  # timeouts.read without a timer per chunk
             session = await stack.enter_async_context(
                 # The egress proxy, resolved at load, is the session's default for every

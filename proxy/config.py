@@ -165,6 +165,9 @@ class UpstreamConfig:
     replay_on: frozenset[int] = frozenset({401})
     replay_max_body: int = 1024 * 1024
     max_connections: int = 100
+    keepalive_timeout: float = 4.0
+    """Seconds an idle pooled connection to the upstream is kept for reuse; to be set below
+    the upstream's own idle timeout (why: in :func:`_upstream`)."""
     max_concurrent: int = 1000
     """Requests handled at once for this upstream; beyond it, 503 OVERLOADED."""
     max_body_size: int | None = None
@@ -817,6 +820,11 @@ def _upstream(r: _Reader, index: int, proxy_env: ProxyEnvironment) -> UpstreamCo
         replay_on=frozenset(replay_on),
         replay_max_body=r.size("replay_max_body", 1024 * 1024),
         max_connections=r.integer("max_connections", 100, minimum=1),
+        # Below the 5 s after which Node.js's http server (its long-standing default) and
+        # uvicorn close an idle connection: a request sent on a connection as the upstream
+        # closes it fails before any response (RFC 9112 §9.5), and a POST or PATCH cannot be
+        # sent again. aiohttp's own default, 15 s, is above it.
+        keepalive_timeout=r.duration("keepalive_timeout", 4.0),
         max_concurrent=r.integer("max_concurrent", 1000, minimum=1),
         max_body_size=r.size("max_body_size", -1) if r.has("max_body_size") else None,
         tls=_tls(r.child("tls")),
@@ -824,6 +832,8 @@ def _upstream(r: _Reader, index: int, proxy_env: ProxyEnvironment) -> UpstreamCo
         egress=_egress(r.child("egress")),
         token_egress=_egress(r.child("token_egress")) if r.has("token_egress") else None,
     )
+    if up.keepalive_timeout <= 0:
+        r.problem("keepalive_timeout", "must be positive")
     r.done()
     # Resolved here, once: the request path only uses the result.
     token_url = _token_url(up.url, auth)

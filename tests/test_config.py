@@ -286,6 +286,16 @@ ERROR_CASES: list[tuple[str, object, str]] = [
         "upstreams[0].max_connections: must be at least 1",
     ),
     (
+        "keepalive_timeout of zero",
+        edit(minimal(), "upstreams.0.keepalive_timeout", 0),
+        "upstreams[0].keepalive_timeout: must be positive",
+    ),
+    (
+        "keepalive_timeout not a duration",
+        edit(minimal(), "upstreams.0.keepalive_timeout", "4 seconds"),
+        "upstreams[0].keepalive_timeout: expected a duration such as 30, 30s, 5m or 6h",
+    ),
+    (
         "tls key without certificate",
         edit(minimal(), "upstreams.0.tls.key_file", __file__),
         "upstreams[0].tls.cert_file: required with key_file",
@@ -492,13 +502,16 @@ def test_sizes_refuse_anything_else(raw: object) -> None:
 def test_durations_and_sizes_land_in_the_configuration() -> None:
     data = minimal()
     data["upstreams"][0].update(
-        timeouts={"connect": "250ms", "read": "5m", "token": 30}, replay_max_body="512KiB"
+        timeouts={"connect": "250ms", "read": "5m", "token": 30},
+        replay_max_body="512KiB",
+        keepalive_timeout="1500ms",
     )
     data["tokens"] = {"idle_timeout": "6h", "max_backoff": "1m"}
     config = build(data, {}, source="test")
     up = config.upstreams[0]
     assert (up.timeouts.connect, up.timeouts.read, up.timeouts.token) == (0.25, 300.0, 30.0)
     assert up.replay_max_body == 512 * 1024
+    assert up.keepalive_timeout == 1.5
     assert (config.tokens.idle_timeout, config.tokens.max_backoff) == (21600.0, 60.0)
 
 
@@ -508,6 +521,8 @@ def test_defaults_apply_when_keys_are_absent() -> None:
     assert config.listen == Address("127.0.0.1", 8080)
     assert config.admin.listen == Address("127.0.0.1", 9090)
     assert (up.path_prefix, up.replay_on, up.replay_max_body) == ("/", frozenset({401}), 1 << 20)
+    # Below the 5 s after which Node.js and uvicorn close an idle connection.
+    assert (up.max_connections, up.keepalive_timeout) == (100, 4.0)
     assert (up.inject.header, up.inject.format) == ("Authorization", "Bearer {token}")
     assert isinstance(up.auth, RoyaltiAuth)
     assert up.auth.workspace_header == "X-Royalti-Workspace"

@@ -24,6 +24,8 @@ from proxy.fake_oauth2 import FakeOAuth2, start_fake_oauth2
 from proxy.fake_royalti import FakeRoyalti
 from tests.binaries import require_binary
 from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, free_port, royalti_config
+from tests.faults.servers import RawRequest, RawServer
+from tests.test_interop_keepalive import TOKEN, answer, static_config, target
 
 
 @dataclass
@@ -405,3 +407,51 @@ async def test_a_websocket_handshake_to_an_https_upstream_goes_through_connect(
         assert "ws-token" not in egress.log.read_text()
     finally:
         await runner.cleanup()
+
+
+async def test_the_stale_connection_retry_goes_through_the_egress_proxy_too(
+    tinyproxy: StartTinyProxy,
+    ca: trustme.CA,
+    ca_file: str,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The retry's new connection (``Route.fresh_session``) is a tunnel through the egress proxy,
+    as the first attempts' are: an upstream reachable only through it stays reachable on a
+    retry. The upstream drops the first two requests (aiohttp's attempt and its own retry) as
+    they arrive and answers the third, the proxy's. HTTPS, so that the egress proxy's
+    connections are tunnels that carry the drop through (over plain HTTP tinyproxy would answer
+    the proxy itself)."""
+    egress = await tinyproxy()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    dropped: list[RawRequest] = []
+    answered: list[RawRequest] = []
+
+    async def drop_two_then_answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: RawServer
+    ) -> None:
+        while True:
+            request = await server.next_request(reader)
+            if len(dropped) < 2:
+                dropped.append(request)
+                return  # closed unanswered, as a stale connection fails
+            answered.append(request)
+            writer.write(answer(request))
+            await writer.drain()
+
+    async with RawServer(drop_two_then_answer, tls=ctx) as upstream:
+        data = with_tls(static_config(upstream.url), ca_file)
+        data["upstreams"][0]["egress"] = {"proxy": egress.url}
+        proxy = await start_proxy(data)
+        async with http.get(target(proxy, "/retried")) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"GET 0"
+        assert proxy.routes[0].stats.stale_retries == 1
+        assert [r.line.split()[1] for r in dropped + answered] == [b"/retried"] * 3
+        assert answered[0].headers["Authorization"] == f"Bearer {TOKEN}"
+        # Each attempt on a connection of its own, and every one of them a tunnel: the
+        # retry's (the third) included.
+        assert upstream.connections == 3
+        assert egress.lines() == [f"CONNECT 127.0.0.1:{upstream.port} HTTP/1.1"] * 3
+        assert TOKEN not in egress.log.read_text()

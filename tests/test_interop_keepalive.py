@@ -4,7 +4,8 @@ A server may close an idle persistent connection at any moment (RFC 9112 §9.5);
 on it as it closes fails before any byte of the response, and the proxy's pool cannot know in
 advance. aiohttp's client retries an idempotent request once, on another pooled connection,
 which may be just as stale. The proxy then retries it once more on a new connection; a
-request that is not idempotent is never sent twice (RFC 9110 §9.2.2).
+request that is not idempotent is never sent twice (RFC 9110 §9.2.2); for it, the pool lets an
+idle connection go before the upstream does (``keepalive_timeout``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from proxy.app import Proxy
@@ -247,3 +249,123 @@ async def test_no_request_fails_when_the_upstream_closes_keep_alive_connections_
         assert proxy.routes[0].stats.stale_retries > 0
         via = [r for r in upstream.requests if r.line.startswith(b"GET /load/")]
         assert {r.headers["Authorization"] for r in via} == {f"Bearer {TOKEN}"}
+
+
+class LateFin:
+    """A TCP relay to ``target`` that passes bytes both ways at once, but the target's closing
+    of a connection only ``delay`` seconds later: the time a FIN takes to cross a network.
+    Meanwhile the client still takes the connection for open, and a request it sends crosses
+    the FIN; on loopback, without the relay, that window is a turn of the event loop."""
+
+    def __init__(self, target: str, delay: float) -> None:
+        self._target = URL(target)
+        self._delay = delay
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connections = 0
+        self.url = ""
+
+    async def __aenter__(self) -> LateFin:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        assert self._target.host is not None and self._target.port is not None
+        try:
+            up_reader, up_writer = await asyncio.open_connection(
+                self._target.host, self._target.port
+            )
+        except BaseException:
+            self._tasks.discard(task)
+            writer.close()
+            raise
+
+        async def to_target() -> None:
+            while data := await reader.read(65536):
+                # After the target closed, this is lost, as a request that crossed a FIN is.
+                up_writer.write(data)
+
+        async def from_target() -> None:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            await asyncio.sleep(self._delay)  # the FIN still on its way
+
+        try:
+            pumps = [asyncio.ensure_future(to_target()), asyncio.ensure_future(from_target())]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        except asyncio.CancelledError:
+            pass  # cancelled by __aexit__ only
+        finally:
+            self._tasks.discard(task)
+            for w in (writer, up_writer):
+                w.close()
+
+
+async def test_post_after_an_idle_gap_goes_on_a_new_connection_when_the_pool_idles_out_first(
+    start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A real aiohttp upstream closes connections idle for 0.2 s, its FIN taking 0.2 s to reach
+    the proxy; each POST or PATCH comes 0.3 s after the last response, so it would cross the
+    FIN on a pooled connection and fail (not idempotent: never sent twice). The proxy's pool,
+    ``keepalive_timeout: 0.1s``, has let the connection go by then and opens a new one.
+
+    Real time passes here on purpose: what is tested is the idle time of aiohttp's
+    pool and of aiohttp's server, both measured on the real monotonic clock (3 gaps, about
+    1 s in all)."""
+    upstream_idle, fin_delay, pool_idle, gap = 0.2, 0.2, 0.1, 0.3
+    seen: list[tuple[str, int, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        assert peer is not None
+        seen.append((request.method, peer[1], request.headers["Authorization"]))
+        return web.Response(text=request.method)
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", record)
+    runner = web.AppRunner(app, keepalive_timeout=upstream_idle, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        async with LateFin(f"http://{host}:{port}", fin_delay) as link:
+            data = static_config(link.url)
+            data["upstreams"][0]["keepalive_timeout"] = f"{int(pool_idle * 1000)}ms"
+            proxy = await start_proxy(data)
+            statuses: list[int] = []
+            # The first two back to back (within its idle time the pool reuses a connection),
+            # then a gap before each of the others.
+            for method in ("POST", "POST", "PATCH", "POST", "PATCH"):
+                if len(statuses) >= 2:
+                    await asyncio.sleep(gap)
+                async with http.request(method, target(proxy, "/write"), data=b"{}") as resp:
+                    statuses.append(resp.status)
+                    await resp.read()
+    finally:
+        await runner.cleanup()
+    assert statuses == [200] * 5
+    assert [method for method, _, _ in seen] == ["POST", "POST", "PATCH", "POST", "PATCH"]
+    ports = [p for _, p, _ in seen]
+    assert ports[0] == ports[1]  # reused
+    assert len(set(ports)) == 4 == link.connections  # one new connection after each gap
+    assert {auth for _, _, auth in seen} == {f"Bearer {TOKEN}"}
+    assert retries(proxy) == 0

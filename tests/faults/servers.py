@@ -18,6 +18,7 @@ import email.utils
 import json
 import logging
 import socket
+import ssl
 import struct
 import warnings
 from collections import Counter
@@ -355,10 +356,12 @@ class RawServer:
 
     ``connections`` counts accepted connections, ``received`` holds every byte read through
     :meth:`recv`-style helpers, ``requests`` every request parsed with :meth:`next_request`.
+    With ``tls`` it speaks TLS, and its ``url`` is ``https://``.
     """
 
-    def __init__(self, script: Script | None = None) -> None:
+    def __init__(self, script: Script | None = None, *, tls: ssl.SSLContext | None = None) -> None:
         self._script = script or _record_everything
+        self._tls = tls
         self.connections = 0
         self.received = bytearray()
         self.requests: list[RawRequest] = []
@@ -368,10 +371,10 @@ class RawServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
