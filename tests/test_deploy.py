@@ -34,10 +34,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.__main__ import main as royalti_proxy
+from proxy.clock import FakeClock
 from proxy.config import load
 from proxy.fake_royalti import FakeRoyalti, start_fake
 from tests.binaries import require_binary
-from tests.conftest import EMAIL, PASSWORD, WS, ProxyFactory, royalti_config
+from tests.conftest import EMAIL, PASSWORD, WS, ProxyFactory, free_port, royalti_config, run_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -781,6 +782,83 @@ def test_compose_proxy_is_reachable_only_by_the_client_that_holds_the_shared_sec
     # Only the proxy holds the Royalti password.
     password = defaults["ROYALTI_PASSWORD_FILE"].removeprefix("/run/secrets/")
     assert [n for n, s in services.items() if password in s.get("secrets", [])] == ["royalti-proxy"]
+
+
+def duration_seconds(text: str) -> float:
+    """A Compose duration such as ``1m30s`` or ``500ms``, in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def compose_healthcheck() -> dict[str, Any]:
+    check: dict[str, Any] = compose()["services"]["royalti-proxy"]["healthcheck"]
+    return check
+
+
+def test_compose_client_waits_until_the_proxy_is_ready_not_merely_alive(tmp_path: Path):
+    client = compose()["services"]["client"]
+    assert client["depends_on"] == {"royalti-proxy": {"condition": "service_healthy"}}
+    # "Healthy" is the proxy's own compose healthcheck, which asks /readyz, not the image's.
+    check = compose_healthcheck()
+    assert not check.get("disable")
+    assert check["test"][:3] == ["CMD", "python", "-c"]
+    (script,) = check["test"][3:]
+    admin_port = compose_proxy_config(tmp_path).admin.listen.port
+    assert re.findall(r"http://[^\"']+", script) == [f"http://127.0.0.1:{admin_port}/readyz"]
+    assert "/livez" in healthcheck_command(dockerfile_stages()[-1])[2]
+    # The script's own timeout is below Docker's, so a slow answer is reported, not killed.
+    (timeout,) = (float(t) for t in re.findall(r"timeout=(\d+(?:\.\d+)?)", script))
+    assert timeout < duration_seconds(check["timeout"])
+    # A slow login has the start period before failures count; until the first success it is
+    # checked every second, so the client starts about a second after the proxy is ready.
+    assert duration_seconds(check["start_period"]) >= 30
+    assert duration_seconds(check["start_interval"]) <= 1
+    assert duration_seconds(check["interval"]) >= duration_seconds(check["timeout"])
+    assert int(check["retries"]) >= 1
+
+
+async def run_compose_healthcheck(admin: str) -> tuple[int, str]:
+    """The compose healthcheck's command as Docker runs it, against the admin listener
+    ``admin`` instead of the container's 127.0.0.1:9090; its exit status and stderr."""
+    command = compose_healthcheck()["test"][1:]
+    assert command[-1].count("http://127.0.0.1:9090/") == 1
+    command[-1] = command[-1].replace("http://127.0.0.1:9090/", f"{admin}/")
+    # The image's PATH finds its own Python; here, the one running the tests.
+    command[0] = sys.executable
+    proc = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_the_compose_healthcheck_fails_until_the_proxy_holds_a_token_then_passes(
+    start_proxy: ProxyFactory, fake: FakeRoyalti, fake_url: str, clock: FakeClock
+):
+    fake.authtoken_failures = [(500, None)] * 1000
+    proxy = await start_proxy(royalti_config(fake_url, default_workspace=WS[0]))
+    await proxy.managers["royalti"].wait_idle()
+    admin = proxy.addresses["admin"]
+    async with aiohttp.ClientSession() as http, http.get(f"{admin}/livez") as resp:
+        assert resp.status == 200, "alive: the image's own health check would pass"
+    status, err = await run_compose_healthcheck(admin)
+    assert status == 1
+    # What `docker inspect` shows: the status and the reasons /readyz gives.
+    assert "/readyz 503" in err
+    assert "upstream royalti" in err and "HTTP_500" in err
+    assert "Traceback" not in err
+
+    fake.authtoken_failures.clear()
+    await run_for(clock, proxy, 400, 5)
+    assert await run_compose_healthcheck(admin) == (0, "")
+
+
+async def test_the_compose_healthcheck_fails_when_nothing_answers():
+    status, err = await run_compose_healthcheck(f"http://127.0.0.1:{free_port()}")
+    assert status == 1
+    assert err.startswith("/readyz: ") and "refused" in err
+    assert "Traceback" not in err
 
 
 def test_compose_services_are_hardened_and_credentials_are_compose_secrets():
