@@ -47,6 +47,8 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "royalti-proxy.json"
 COMPOSE = DEPLOY / "docker-compose.yml"
+#: The credentials' Secret as a manifest with placeholder values, beside (not in) the base.
+SECRET_EXAMPLE = KUSTOMIZE / "secret.example.yaml"
 #: Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29 and
 #: GA in 1.33: the manifests must be valid for both.
 KUBERNETES_VERSIONS = ("1.29", "1.33")
@@ -523,13 +525,14 @@ def sidecar_config() -> Any:
     return config
 
 
-def test_kustomization_uses_every_manifest_in_its_directory():
+def test_kustomization_uses_every_manifest_in_its_directory_but_the_secret_example():
     k = kustomization()
     used = set(k["resources"]) | {
         f for generator in k.get("configMapGenerator", []) for f in generator["files"]
     }
     present = {p.name for p in KUSTOMIZE.iterdir()} - {"kustomization.yaml"}
-    assert used == present
+    assert used == present - {SECRET_EXAMPLE.name}
+    assert SECRET_EXAMPLE.is_file()
 
 
 def test_kubectl_kustomize_renders_what_the_test_renders():
@@ -619,6 +622,111 @@ def test_royalti_credentials_come_from_a_secret_mounted_as_files():
     assert email["valueFrom"]["secretKeyRef"]["name"] == secret["secretName"]
     # No credential in the base itself.
     assert "Secret" not in {o["kind"] for o in render()}
+
+
+# -- the Secret, declaratively ----------------------------------------------------------------
+
+
+def secret_example() -> dict[str, Any]:
+    (secret,) = load_yaml_all(SECRET_EXAMPLE)
+    assert isinstance(secret, dict)
+    return secret
+
+
+def secret_references() -> tuple[set[str], set[str]]:
+    """The Secret names and keys the base's pod reads: the mounted volume's items and every
+    ``secretKeyRef`` of the sidecar's environment."""
+    names, keys = set(), set()
+    for volume in pod_spec()["volumes"]:
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+            keys.update(item["key"] for item in volume["secret"]["items"])
+    for env in sidecar()["env"]:
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            names.add(ref["name"])
+            keys.add(ref["key"])
+    return names, keys
+
+
+def create_secret_commands(path: Path) -> list[list[str]]:
+    """Every ``kubectl … create secret generic …`` in ``path``, in code or in ``#`` comments,
+    with its continuation lines joined, as the words after ``generic``."""
+    text = "\n".join(re.sub(r"^\s*#", "", line) for line in path.read_text().splitlines())
+    text = re.sub(r"\\\n", " ", text)
+    return [shlex.split(m) for m in re.findall(r"create secret generic ([^\n]*)", text)]
+
+
+def test_the_secret_example_is_the_secret_the_deployment_reads_with_placeholder_values():
+    secret = secret_example()
+    assert (secret["apiVersion"], secret["kind"], secret["type"]) == ("v1", "Secret", "Opaque")
+    names, keys = secret_references()
+    assert names == {secret["metadata"]["name"]}
+    # Plain text to fill in (no base64 to get wrong), exactly the keys the pod reads.
+    assert "data" not in secret
+    assert set(secret["stringData"]) == keys == {"email", "password"}
+    assert secret["stringData"]["email"] == "ops@example.com"
+    assert "REPLACE" in secret["stringData"]["password"]
+    # A rotated password must reach the running proxy: an immutable Secret cannot change.
+    assert not secret.get("immutable", False)
+    # The base itself never carries it.
+    assert SECRET_EXAMPLE.name not in kustomization()["resources"]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_secret_example_passes_strict_schema_validation(version: str):
+    kubernetes_validate.validate(secret_example(), version, strict=True)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [DEPLOY / "README.md", KUSTOMIZE / "kustomization.yaml", SECRET_EXAMPLE],
+    ids=lambda p: p.relative_to(DEPLOY).as_posix(),
+)
+def test_every_kubectl_create_secret_line_makes_the_same_secret_as_the_manifest(path: Path):
+    commands = create_secret_commands(path)
+    assert commands, f"no kubectl create secret in {path}"
+    secret = secret_example()
+    for name, *flags in commands:
+        assert name == secret["metadata"]["name"]
+        keys = {
+            flag.split("=", 2)[1]
+            for flag in flags
+            if flag.startswith(("--from-literal=", "--from-file="))
+        }
+        assert keys == set(secret["stringData"]), flags
+    assert SECRET_EXAMPLE.relative_to(DEPLOY).as_posix() in (DEPLOY / "README.md").read_text()
+
+
+def readme_overlay() -> str:
+    """The overlay deploy/README.md writes with ``cat > overlays/royalti/kustomization.yaml``."""
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    (body,) = re.findall(
+        r"cat > overlays/royalti/kustomization\.yaml <<'EOF'\n(.*?)\nEOF\n", text, re.DOTALL
+    )
+    return body
+
+
+def test_the_readme_overlay_with_the_secret_copy_in_its_resources_renders_it_for_the_pod(
+    tmp_path: Path,
+):
+    # The layout deploy/README.md describes: overlays/ next to this repository's deploy/.
+    shutil.copytree(KUSTOMIZE, tmp_path / "deploy" / "kubernetes")
+    overlay = tmp_path / "overlays" / "royalti"
+    overlay.mkdir(parents=True)
+    shutil.copy(SECRET_EXAMPLE, overlay / "royalti-credentials.yaml")
+    data = yaml.safe_load(readme_overlay())
+    data["resources"].append("royalti-credentials.yaml")
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(data))
+    result = run(require_binary("kubectl"), "kustomize", overlay)
+    assert result.returncode == 0, result.stderr
+    rendered = {o["kind"]: o for o in yaml.safe_load_all(result.stdout) if o}
+    secret, deployment = rendered["Secret"], rendered["Deployment"]
+    assert secret["metadata"]["namespace"] == deployment["metadata"]["namespace"] == "royalti"
+    names, _ = secret_references()
+    assert names == {secret["metadata"]["name"]}
+    assert secret["stringData"] == secret_example()["stringData"]
+    kubernetes_validate.validate(secret, KUBERNETES_VERSIONS[-1], strict=True)
 
 
 def test_every_container_is_locked_down_and_has_resource_requests_and_limits():
