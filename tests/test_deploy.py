@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1171,3 +1172,130 @@ async def test_every_metric_in_the_dashboard_and_alerts_is_exported_by_the_proxy
     for where, names in used.items():
         assert names, where
         assert names <= exported, f"{where} uses metrics /metrics does not have: {names - exported}"
+
+
+# -- make image -----------------------------------------------------------------------------------
+
+
+def make_image(
+    tmp_path: Path, tools: dict[str, int], *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, list[str]]]:
+    """``make image ARGS`` with a ``PATH`` on which the only container tools are stubs, one per
+    entry of ``tools`` (name to exit status), each recording its directory and arguments; the
+    result, and what each stub that ran recorded."""
+    stubs, records = tmp_path / "stubs", tmp_path / "records"
+    stubs.mkdir()
+    records.mkdir()
+    for name, status in tools.items():
+        stub = stubs / name
+        stub.write_text(
+            f'#!/bin/sh\nprintf "%s\\n" "$PWD" "$@" > "{records / name}"\nexit {status}\n'
+        )
+        stub.chmod(0o755)
+    # What the Makefile runs besides the container tool, and nothing else of this machine's
+    # PATH (where a real docker may be).
+    others = tmp_path / "bin"
+    others.mkdir()
+    for name in ("sed", "git"):
+        found = shutil.which(name)
+        if found is not None:
+            (others / name).symlink_to(found)
+    make = require_binary("make")
+    result = subprocess.run(
+        [make, "--no-print-directory", "-C", str(ROOT), "image", *args],
+        # A clean environment: no MAKEFLAGS of an outer make, no IMAGE or CONTAINER_TOOL.
+        env={"PATH": f"{stubs}:{others}", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    recorded = {p.name: p.read_text().splitlines() for p in records.iterdir()}
+    return result, recorded
+
+
+def expected_build(tag: str) -> list[str]:
+    """The directory and arguments ``make image`` gives the container tool."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    git = shutil.which("git")
+    head = run(git, "-C", ROOT, "rev-parse", "HEAD") if git else None
+    revision = head.stdout.strip() if head is not None and head.returncode == 0 else "unknown"
+    return [
+        str(ROOT),
+        "build",
+        "--tag",
+        tag,
+        "--build-arg",
+        f"VERSION={version}",
+        "--build-arg",
+        f"REVISION={revision}",
+        "--file",
+        "Dockerfile",
+        ".",
+    ]
+
+
+def default_image() -> str:
+    """The image docker-compose and the kustomize base run by default."""
+    (compose_default,) = {
+        re.sub(r"^\$\{ROYALTI_PROXY_IMAGE:-(.*)\}$", r"\1", s["image"])
+        for s in compose()["services"].values()
+        if "ROYALTI_PROXY_IMAGE" in s["image"]
+    }
+    assert sidecar()["image"] == compose_default
+    return compose_default
+
+
+@pytest.mark.parametrize(
+    ("present", "used"),
+    [(("docker",), "docker"), (("podman",), "podman"), (("docker", "podman"), "docker")],
+)
+def test_make_image_builds_with_docker_else_podman(
+    tmp_path: Path, present: tuple[str, ...], used: str
+):
+    result, recorded = make_image(tmp_path, dict.fromkeys(present, 0))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The tag is the image docker-compose and Kubernetes run; the labels get the version and
+    # the commit.
+    assert recorded == {used: expected_build(default_image())}
+    assert f"make image: built {default_image()} with {used}" in result.stdout
+
+
+def test_make_image_takes_the_tool_and_the_tag_from_the_command_line(tmp_path: Path):
+    tag = "registry.example.com/royalti-auth-proxy:0.1.0"
+    result, recorded = make_image(
+        tmp_path, {"docker": 0, "podman": 0}, "CONTAINER_TOOL=podman", f"IMAGE={tag}"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert recorded == {"podman": expected_build(tag)}
+
+
+def test_make_image_without_docker_or_podman_says_so_and_fails(tmp_path: Path):
+    result, recorded = make_image(tmp_path, {})
+    assert result.returncode == 2
+    assert recorded == {}
+    assert "make image: neither docker nor podman is on PATH, so no image was built." in (
+        result.stderr
+    )
+    assert "CONTAINER_TOOL" in result.stderr
+    assert "built" not in result.stdout
+
+
+def test_make_image_fails_when_the_build_fails(tmp_path: Path):
+    result, recorded = make_image(tmp_path, {"docker": 1})
+    assert result.returncode == 2
+    assert list(recorded) == ["docker"]
+    assert "make image: built" not in result.stdout
+
+
+def test_the_build_command_deploy_readme_shows_is_what_make_image_runs(tmp_path: Path):
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    (shown,) = re.findall(r"It runs exactly:\n\n```sh\n(.*?)\n```", text, re.DOTALL)
+    _, recorded = make_image(tmp_path, {"docker": 0})
+    directory, *build = recorded["docker"]
+    assert directory == str(ROOT)
+    # The README has the shell find the commit; make put it in.
+    documented = [
+        "REVISION=$(git rev-parse HEAD)" if word.startswith("REVISION=") else word for word in build
+    ]
+    assert shlex.split(shown.replace("\\\n", " ")) == ["docker", *documented]
