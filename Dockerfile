@@ -2,7 +2,8 @@
 #
 # royalti-auth-proxy: the authenticating reverse-proxy sidecar as a container image.
 #
-#   docker build -t royalti-auth-proxy:0.1.0 .
+#   make image                                 # docker, else podman; see deploy/README.md
+#   docker build -t royalti-auth-proxy:0.1.0 .   # the same by hand
 #
 # Stage 1 builds the wheel and installs it, with its dependencies, into a virtual environment;
 # stage 2 is a clean slim Python with that environment copied in, no compiler, no source tree.

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.__main__ import main as royalti_proxy
+from proxy.clock import FakeClock
 from proxy.config import load
 from proxy.fake_royalti import FakeRoyalti, start_fake
 from tests.binaries import require_binary
-from tests.conftest import EMAIL, PASSWORD, WS, ProxyFactory, royalti_config
+from tests.conftest import EMAIL, PASSWORD, WS, ProxyFactory, free_port, royalti_config, run_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -46,6 +48,8 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "royalti-proxy.json"
 COMPOSE = DEPLOY / "docker-compose.yml"
+#: The credentials' Secret as a manifest with placeholder values, beside (not in) the base.
+SECRET_EXAMPLE = KUSTOMIZE / "secret.example.yaml"
 #: Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29 and
 #: GA in 1.33: the manifests must be valid for both.
 KUBERNETES_VERSIONS = ("1.29", "1.33")
@@ -522,13 +526,14 @@ def sidecar_config() -> Any:
     return config
 
 
-def test_kustomization_uses_every_manifest_in_its_directory():
+def test_kustomization_uses_every_manifest_in_its_directory_but_the_secret_example():
     k = kustomization()
     used = set(k["resources"]) | {
         f for generator in k.get("configMapGenerator", []) for f in generator["files"]
     }
     present = {p.name for p in KUSTOMIZE.iterdir()} - {"kustomization.yaml"}
-    assert used == present
+    assert used == present - {SECRET_EXAMPLE.name}
+    assert SECRET_EXAMPLE.is_file()
 
 
 def test_kubectl_kustomize_renders_what_the_test_renders():
@@ -618,6 +623,111 @@ def test_royalti_credentials_come_from_a_secret_mounted_as_files():
     assert email["valueFrom"]["secretKeyRef"]["name"] == secret["secretName"]
     # No credential in the base itself.
     assert "Secret" not in {o["kind"] for o in render()}
+
+
+# -- the Secret, declaratively ----------------------------------------------------------------
+
+
+def secret_example() -> dict[str, Any]:
+    (secret,) = load_yaml_all(SECRET_EXAMPLE)
+    assert isinstance(secret, dict)
+    return secret
+
+
+def secret_references() -> tuple[set[str], set[str]]:
+    """The Secret names and keys the base's pod reads: the mounted volume's items and every
+    ``secretKeyRef`` of the sidecar's environment."""
+    names, keys = set(), set()
+    for volume in pod_spec()["volumes"]:
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+            keys.update(item["key"] for item in volume["secret"]["items"])
+    for env in sidecar()["env"]:
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            names.add(ref["name"])
+            keys.add(ref["key"])
+    return names, keys
+
+
+def create_secret_commands(path: Path) -> list[list[str]]:
+    """Every ``kubectl … create secret generic …`` in ``path``, in code or in ``#`` comments,
+    with its continuation lines joined, as the words after ``generic``."""
+    text = "\n".join(re.sub(r"^\s*#", "", line) for line in path.read_text().splitlines())
+    text = re.sub(r"\\\n", " ", text)
+    return [shlex.split(m) for m in re.findall(r"create secret generic ([^\n]*)", text)]
+
+
+def test_the_secret_example_is_the_secret_the_deployment_reads_with_placeholder_values():
+    secret = secret_example()
+    assert (secret["apiVersion"], secret["kind"], secret["type"]) == ("v1", "Secret", "Opaque")
+    names, keys = secret_references()
+    assert names == {secret["metadata"]["name"]}
+    # Plain text to fill in (no base64 to get wrong), exactly the keys the pod reads.
+    assert "data" not in secret
+    assert set(secret["stringData"]) == keys == {"email", "password"}
+    assert secret["stringData"]["email"] == "ops@example.com"
+    assert "REPLACE" in secret["stringData"]["password"]
+    # A rotated password must reach the running proxy: an immutable Secret cannot change.
+    assert not secret.get("immutable", False)
+    # The base itself never carries it.
+    assert SECRET_EXAMPLE.name not in kustomization()["resources"]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_secret_example_passes_strict_schema_validation(version: str):
+    kubernetes_validate.validate(secret_example(), version, strict=True)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [DEPLOY / "README.md", KUSTOMIZE / "kustomization.yaml", SECRET_EXAMPLE],
+    ids=lambda p: p.relative_to(DEPLOY).as_posix(),
+)
+def test_every_kubectl_create_secret_line_makes_the_same_secret_as_the_manifest(path: Path):
+    commands = create_secret_commands(path)
+    assert commands, f"no kubectl create secret in {path}"
+    secret = secret_example()
+    for name, *flags in commands:
+        assert name == secret["metadata"]["name"]
+        keys = {
+            flag.split("=", 2)[1]
+            for flag in flags
+            if flag.startswith(("--from-literal=", "--from-file="))
+        }
+        assert keys == set(secret["stringData"]), flags
+    assert SECRET_EXAMPLE.relative_to(DEPLOY).as_posix() in (DEPLOY / "README.md").read_text()
+
+
+def readme_overlay() -> str:
+    """The overlay deploy/README.md writes with ``cat > overlays/royalti/kustomization.yaml``."""
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    (body,) = re.findall(
+        r"cat > overlays/royalti/kustomization\.yaml <<'EOF'\n(.*?)\nEOF\n", text, re.DOTALL
+    )
+    return body
+
+
+def test_the_readme_overlay_with_the_secret_copy_in_its_resources_renders_it_for_the_pod(
+    tmp_path: Path,
+):
+    # The layout deploy/README.md describes: overlays/ next to this repository's deploy/.
+    shutil.copytree(KUSTOMIZE, tmp_path / "deploy" / "kubernetes")
+    overlay = tmp_path / "overlays" / "royalti"
+    overlay.mkdir(parents=True)
+    shutil.copy(SECRET_EXAMPLE, overlay / "royalti-credentials.yaml")
+    data = yaml.safe_load(readme_overlay())
+    data["resources"].append("royalti-credentials.yaml")
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(data))
+    result = run(require_binary("kubectl"), "kustomize", overlay)
+    assert result.returncode == 0, result.stderr
+    rendered = {o["kind"]: o for o in yaml.safe_load_all(result.stdout) if o}
+    secret, deployment = rendered["Secret"], rendered["Deployment"]
+    assert secret["metadata"]["namespace"] == deployment["metadata"]["namespace"] == "royalti"
+    names, _ = secret_references()
+    assert names == {secret["metadata"]["name"]}
+    assert secret["stringData"] == secret_example()["stringData"]
+    kubernetes_validate.validate(secret, KUBERNETES_VERSIONS[-1], strict=True)
 
 
 def test_every_container_is_locked_down_and_has_resource_requests_and_limits():
@@ -781,6 +891,83 @@ def test_compose_proxy_is_reachable_only_by_the_client_that_holds_the_shared_sec
     # Only the proxy holds the Royalti password.
     password = defaults["ROYALTI_PASSWORD_FILE"].removeprefix("/run/secrets/")
     assert [n for n, s in services.items() if password in s.get("secrets", [])] == ["royalti-proxy"]
+
+
+def duration_seconds(text: str) -> float:
+    """A Compose duration such as ``1m30s`` or ``500ms``, in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def compose_healthcheck() -> dict[str, Any]:
+    check: dict[str, Any] = compose()["services"]["royalti-proxy"]["healthcheck"]
+    return check
+
+
+def test_compose_client_waits_until_the_proxy_is_ready_not_merely_alive(tmp_path: Path):
+    client = compose()["services"]["client"]
+    assert client["depends_on"] == {"royalti-proxy": {"condition": "service_healthy"}}
+    # "Healthy" is the proxy's own compose healthcheck, which asks /readyz, not the image's.
+    check = compose_healthcheck()
+    assert not check.get("disable")
+    assert check["test"][:3] == ["CMD", "python", "-c"]
+    (script,) = check["test"][3:]
+    admin_port = compose_proxy_config(tmp_path).admin.listen.port
+    assert re.findall(r"http://[^\"']+", script) == [f"http://127.0.0.1:{admin_port}/readyz"]
+    assert "/livez" in healthcheck_command(dockerfile_stages()[-1])[2]
+    # The script's own timeout is below Docker's, so a slow answer is reported, not killed.
+    (timeout,) = (float(t) for t in re.findall(r"timeout=(\d+(?:\.\d+)?)", script))
+    assert timeout < duration_seconds(check["timeout"])
+    # A slow login has the start period before failures count; until the first success it is
+    # checked every second, so the client starts about a second after the proxy is ready.
+    assert duration_seconds(check["start_period"]) >= 30
+    assert duration_seconds(check["start_interval"]) <= 1
+    assert duration_seconds(check["interval"]) >= duration_seconds(check["timeout"])
+    assert int(check["retries"]) >= 1
+
+
+async def run_compose_healthcheck(admin: str) -> tuple[int, str]:
+    """The compose healthcheck's command as Docker runs it, against the admin listener
+    ``admin`` instead of the container's 127.0.0.1:9090; its exit status and stderr."""
+    command = compose_healthcheck()["test"][1:]
+    assert command[-1].count("http://127.0.0.1:9090/") == 1
+    command[-1] = command[-1].replace("http://127.0.0.1:9090/", f"{admin}/")
+    # The image's PATH finds its own Python; here, the one running the tests.
+    command[0] = sys.executable
+    proc = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_the_compose_healthcheck_fails_until_the_proxy_holds_a_token_then_passes(
+    start_proxy: ProxyFactory, fake: FakeRoyalti, fake_url: str, clock: FakeClock
+):
+    fake.authtoken_failures = [(500, None)] * 1000
+    proxy = await start_proxy(royalti_config(fake_url, default_workspace=WS[0]))
+    await proxy.managers["royalti"].wait_idle()
+    admin = proxy.addresses["admin"]
+    async with aiohttp.ClientSession() as http, http.get(f"{admin}/livez") as resp:
+        assert resp.status == 200, "alive: the image's own health check would pass"
+    status, err = await run_compose_healthcheck(admin)
+    assert status == 1
+    # What `docker inspect` shows: the status and the reasons /readyz gives.
+    assert "/readyz 503" in err
+    assert "upstream royalti" in err and "HTTP_500" in err
+    assert "Traceback" not in err
+
+    fake.authtoken_failures.clear()
+    await run_for(clock, proxy, 400, 5)
+    assert await run_compose_healthcheck(admin) == (0, "")
+
+
+async def test_the_compose_healthcheck_fails_when_nothing_answers():
+    status, err = await run_compose_healthcheck(f"http://127.0.0.1:{free_port()}")
+    assert status == 1
+    assert err.startswith("/readyz: ") and "refused" in err
+    assert "Traceback" not in err
 
 
 def test_compose_services_are_hardened_and_credentials_are_compose_secrets():
@@ -985,3 +1172,130 @@ async def test_every_metric_in_the_dashboard_and_alerts_is_exported_by_the_proxy
     for where, names in used.items():
         assert names, where
         assert names <= exported, f"{where} uses metrics /metrics does not have: {names - exported}"
+
+
+# -- make image -----------------------------------------------------------------------------------
+
+
+def make_image(
+    tmp_path: Path, tools: dict[str, int], *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, list[str]]]:
+    """``make image ARGS`` with a ``PATH`` on which the only container tools are stubs, one per
+    entry of ``tools`` (name to exit status), each recording its directory and arguments; the
+    result, and what each stub that ran recorded."""
+    stubs, records = tmp_path / "stubs", tmp_path / "records"
+    stubs.mkdir()
+    records.mkdir()
+    for name, status in tools.items():
+        stub = stubs / name
+        stub.write_text(
+            f'#!/bin/sh\nprintf "%s\\n" "$PWD" "$@" > "{records / name}"\nexit {status}\n'
+        )
+        stub.chmod(0o755)
+    # What the Makefile runs besides the container tool, and nothing else of this machine's
+    # PATH (where a real docker may be).
+    others = tmp_path / "bin"
+    others.mkdir()
+    for name in ("sed", "git"):
+        found = shutil.which(name)
+        if found is not None:
+            (others / name).symlink_to(found)
+    make = require_binary("make")
+    result = subprocess.run(
+        [make, "--no-print-directory", "-C", str(ROOT), "image", *args],
+        # A clean environment: no MAKEFLAGS of an outer make, no IMAGE or CONTAINER_TOOL.
+        env={"PATH": f"{stubs}:{others}", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    recorded = {p.name: p.read_text().splitlines() for p in records.iterdir()}
+    return result, recorded
+
+
+def expected_build(tag: str) -> list[str]:
+    """The directory and arguments ``make image`` gives the container tool."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    git = shutil.which("git")
+    head = run(git, "-C", ROOT, "rev-parse", "HEAD") if git else None
+    revision = head.stdout.strip() if head is not None and head.returncode == 0 else "unknown"
+    return [
+        str(ROOT),
+        "build",
+        "--tag",
+        tag,
+        "--build-arg",
+        f"VERSION={version}",
+        "--build-arg",
+        f"REVISION={revision}",
+        "--file",
+        "Dockerfile",
+        ".",
+    ]
+
+
+def default_image() -> str:
+    """The image docker-compose and the kustomize base run by default."""
+    (compose_default,) = {
+        re.sub(r"^\$\{ROYALTI_PROXY_IMAGE:-(.*)\}$", r"\1", s["image"])
+        for s in compose()["services"].values()
+        if "ROYALTI_PROXY_IMAGE" in s["image"]
+    }
+    assert sidecar()["image"] == compose_default
+    return compose_default
+
+
+@pytest.mark.parametrize(
+    ("present", "used"),
+    [(("docker",), "docker"), (("podman",), "podman"), (("docker", "podman"), "docker")],
+)
+def test_make_image_builds_with_docker_else_podman(
+    tmp_path: Path, present: tuple[str, ...], used: str
+):
+    result, recorded = make_image(tmp_path, dict.fromkeys(present, 0))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The tag is the image docker-compose and Kubernetes run; the labels get the version and
+    # the commit.
+    assert recorded == {used: expected_build(default_image())}
+    assert f"make image: built {default_image()} with {used}" in result.stdout
+
+
+def test_make_image_takes_the_tool_and_the_tag_from_the_command_line(tmp_path: Path):
+    tag = "registry.example.com/royalti-auth-proxy:0.1.0"
+    result, recorded = make_image(
+        tmp_path, {"docker": 0, "podman": 0}, "CONTAINER_TOOL=podman", f"IMAGE={tag}"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert recorded == {"podman": expected_build(tag)}
+
+
+def test_make_image_without_docker_or_podman_says_so_and_fails(tmp_path: Path):
+    result, recorded = make_image(tmp_path, {})
+    assert result.returncode == 2
+    assert recorded == {}
+    assert "make image: neither docker nor podman is on PATH, so no image was built." in (
+        result.stderr
+    )
+    assert "CONTAINER_TOOL" in result.stderr
+    assert "built" not in result.stdout
+
+
+def test_make_image_fails_when_the_build_fails(tmp_path: Path):
+    result, recorded = make_image(tmp_path, {"docker": 1})
+    assert result.returncode == 2
+    assert list(recorded) == ["docker"]
+    assert "make image: built" not in result.stdout
+
+
+def test_the_build_command_deploy_readme_shows_is_what_make_image_runs(tmp_path: Path):
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    (shown,) = re.findall(r"It runs exactly:\n\n```sh\n(.*?)\n```", text, re.DOTALL)
+    _, recorded = make_image(tmp_path, {"docker": 0})
+    directory, *build = recorded["docker"]
+    assert directory == str(ROOT)
+    # The README has the shell find the commit; make put it in.
+    documented = [
+        "REVISION=$(git rev-parse HEAD)" if word.startswith("REVISION=") else word for word in build
+    ]
+    assert shlex.split(shown.replace("\\\n", " ")) == ["docker", *documented]
