@@ -32,7 +32,7 @@ from proxy.tokens.backoff import retry_delay
 from proxy.tokens.shared import LOCAL, CredentialStore, Shared
 from proxy.tokens.source import CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
-from proxy.tokens.token import Token, jwt_lifetime, make_token
+from proxy.tokens.token import SkewNotice, Token, jwt_lifetime, make_token
 
 log = logging.getLogger("proxy.tokens")
 
@@ -76,6 +76,7 @@ class RoyaltiSource:
         self._max_backoff = max_backoff
         self._upstream = upstream
         self._rng = rng or random.Random()
+        self._skew = SkewNotice(upstream)
         self.observer: FetchObserver = ignore
         self.credential: CredentialStore = LOCAL
         """Where the refresh token from logins is kept (set by the wiring, like ``observer``)."""
@@ -153,6 +154,7 @@ class RoyaltiSource:
             requested_at=requested_at,
             wall_requested_at=wall_at,
             what="royalti access token",
+            skew=self._skew,
         )
 
     # -- the refresh token --------------------------------------------------------------------
@@ -205,6 +207,7 @@ class RoyaltiSource:
                 requested_at=self._clock.monotonic(),
                 wall_requested_at=now,
                 what="handed-in refresh token",
+                fresh=False,
             )
         except TokenFetchError as exc:
             raise CredentialRejected(exc.code, f"handed-in refresh token: {exc.message}") from exc
@@ -361,6 +364,7 @@ class RoyaltiSource:
             requested_at=requested_at,
             wall_requested_at=wall_at,
             what="royalti refresh token",
+            skew=self._skew,
         )
 
     async def _renew_loop(self) -> None:
@@ -405,10 +409,18 @@ def _jwt_token(
     requested_at: float,
     wall_requested_at: float,
     what: str,
+    fresh: bool = True,
+    skew: SkewNotice | None = None,
 ) -> Token:
-    """A Royalti JWT as a :class:`Token`. ``reference_time`` is the issuer's clock (its ``Date``
-    header), or ours for a token handed in: the lifetime never exceeds ``exp`` minus it."""
-    lifetime, _ = jwt_lifetime(value, server_time=reference_time, local_wall=wall_requested_at)
+    """A Royalti JWT as a :class:`Token`. ``reference_time`` is the answer's ``Date`` header
+    for a ``fresh`` token, or our clock for a token handed in (see :func:`jwt_lifetime`)."""
+    lifetime, _ = jwt_lifetime(
+        value,
+        server_time=reference_time,
+        local_wall=wall_requested_at,
+        fresh=fresh,
+        skew=skew,
+    )
     return make_token(
         value,
         lifetime=lifetime,
