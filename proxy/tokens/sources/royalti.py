@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from proxy.clock import Clock
-from proxy.errors import CredentialRejected, RateLimited, TokenFetchError
+from proxy.errors import CredentialRejected, RateLimited, TokenFetchError, WorkspaceRejected
 from proxy.secret import Secret
 from proxy.tokens.backoff import retry_delay
 from proxy.tokens.shared import LOCAL, CredentialStore, Shared
@@ -142,7 +142,9 @@ class RoyaltiSource:
         if resp.status == 401:
             raise CredentialRejected("REFRESH_TOKEN_REJECTED", "authtoken answered 401")
         if resp.status == 404:
-            raise CredentialRejected("WORKSPACE_NOT_FOUND", "authtoken answered 404 for workspace")
+            # UPSTREAMS.md: 404 is "unknown workspace", also the answer for one that is not
+            # the user's. Which workspace is the manager's business (it may be a client's typo).
+            raise WorkspaceRejected("WORKSPACE_NOT_FOUND", "authtoken answered 404 for workspace")
         if resp.status != 200:
             raise status_error(resp, "authtoken")
         value = _dig(resp.body, "data", "access_token")
