@@ -58,6 +58,10 @@ _T = TypeVar("_T")
 MAX_WORKSPACE_LENGTH = 128
 #: Unknown-workspace log lines named per ``max_backoff`` interval; the rest are counted.
 UNKNOWN_LOG_BURST = 10
+#: After an upstream rejection dropped a key's token, its replacement is not dropped again by a
+#: rejection for this long: an endpoint that answers 401 whatever the token (one the user may not
+#: use, chosen by the client) would otherwise cost a token renewal per request.
+MIN_AGE_TO_DROP_AGAIN = 30.0
 
 
 @dataclass(slots=True, eq=False)
@@ -73,6 +77,8 @@ class _Entry:
     failures: int = 0
     last_error: str | None = None
     next_attempt: float = 0.0
+    dropped_at: float = -math.inf
+    """When an upstream rejection last dropped this key's token (monotonic)."""
     refused: bool = False
     """The last fetch was refused as an unknown workspace (while a token was still valid)."""
     unknown: bool = False
@@ -297,11 +303,17 @@ class TokenManager:
         """Drop ``token`` if it is still the cached one for ``key`` (compare-and-invalidate).
 
         Returns True when it was dropped. A burst of rejections of the same token drops it once,
-        so it causes one renewal, not one per rejected request.
+        so it causes one renewal, not one per rejected request; and the token that replaced a
+        dropped one is not dropped again for :data:`MIN_AGE_TO_DROP_AGAIN` (a fresh token that
+        is refused too points at the request, not at the token).
         """
         entry = self._find(key)
         if entry is None or entry.token is None or entry.token.value != token.value:
             return False
+        now = self._clock.monotonic()
+        if now - entry.dropped_at < MIN_AGE_TO_DROP_AGAIN:
+            return False
+        entry.dropped_at = now
         entry.token = None
         log.info(
             "token rejected by upstream; dropped",
