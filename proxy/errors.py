@@ -28,8 +28,9 @@
                                    token manager turns it into TokenUnavailable
     ├── CredentialRejected         the credential itself was refused (401, invalid_client): no
     │                              fast retry, it will not heal by itself
-    │   └── WorkspaceRejected      authtoken answered 404 for the workspace: a configuration
-    │                              error for a default workspace, the client's for any other
+    │   └── WorkspaceRejected      authtoken answered 404 (or 400/422) for the workspace: a
+    │                              configuration error for a default workspace, the client's
+    │                              for any other
     └── RateLimited                429 from the token endpoint (with retry_after)
 
 Messages never contain a secret: they are built from status codes, error codes and key names.
@@ -196,7 +197,8 @@ class CredentialRejected(TokenFetchError):
 
 class WorkspaceRejected(CredentialRejected):
     """The token endpoint refused the workspace asked for (Royalti: 404, "unknown workspace",
-    also what a workspace that is not the user's gets), not the credential."""
+    also what a workspace that is not the user's gets; or a validation error), not the
+    credential."""
 
 
 class RateLimited(TokenFetchError):

@@ -340,3 +340,18 @@ async def test_a_mistyped_default_workspace_is_a_503_and_readiness_says_why(
     assert b"WORKSPACE_NOT_FOUND" in why
     assert [r.levelno for r in events(caplog, "token_fetch_failed")][:1] == [logging.ERROR]
     assert events(caplog, "unknown_workspace") == []
+
+
+@pytest.mark.parametrize("status", [400, 422])
+async def test_a_workspace_id_royalti_calls_invalid_is_unknown_too(
+    start_proxy, fake, fake_url, http, status
+):
+    proxy = await start_proxy(royalti_config(fake_url, default_workspace=WS[0]))
+    await proxy.managers["royalti"].wait_idle()
+    fake.authtoken_failures = [(status, None)]  # a validation error for the next workspace
+    for _ in range(10):
+        got, headers, _body = await _get(http, proxy, "not a uuid")
+        assert (got, headers[ERROR_HEADER]) == (404, "UNKNOWN_WORKSPACE")
+    assert fake.authtoken_calls["not a uuid"] == 1
+    state = next(s for s in proxy.managers["royalti"].states() if s.key == "not a uuid")
+    assert (state.state, state.last_error) == ("unknown_workspace", "WORKSPACE_INVALID")

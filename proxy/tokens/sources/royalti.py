@@ -145,6 +145,12 @@ class RoyaltiSource:
             # UPSTREAMS.md: 404 is "unknown workspace", also the answer for one that is not
             # the user's. Which workspace is the manager's business (it may be a client's typo).
             raise WorkspaceRejected("WORKSPACE_NOT_FOUND", "authtoken answered 404 for workspace")
+        if resp.status in (400, 422):
+            # The only thing a request to authtoken varies is currentWorkspace: a validation
+            # error is about it (a malformed id, say), just as final as a 404.
+            raise WorkspaceRejected(
+                "WORKSPACE_INVALID", f"authtoken answered {resp.status} for workspace"
+            )
         if resp.status != 200:
             raise status_error(resp, "authtoken")
         value = _dig(resp.body, "data", "access_token")
