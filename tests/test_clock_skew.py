@@ -136,6 +136,8 @@ async def test_a_skew_that_changes_warns_again_once_per_distinct_skew(
             proxy = await start_proxy(royalti_config(url, default_workspace=WS[0]))
             for offset in (-HOUR, -HOUR, 2 * HOUR, 2 * HOUR):
                 fake.jwt_offset = offset
+                # Past MIN_AGE_TO_DROP_AGAIN, so that each round's invalidation is honoured.
+                await run_for(clock, proxy, 31, 31)
                 for ws in WS:
                     token = proxy.managers["royalti"].peek(ws)
                     if token is not None:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import aiohttp
 
-from tests.conftest import WS, ProxyFactory
+from proxy.clock import FakeClock
+from proxy.tokens.manager import MIN_AGE_TO_DROP_AGAIN
+from tests.conftest import WS, ProxyFactory, run_for
 from tests.faults.conftest import FaultLog, LeakCheck
 from tests.faults.servers import HostileTokenServer
 from tests.faults.test_token_endpoint import BETA, admin, fetches, get, hostile_config
 
 
 async def test_a_token_whose_exp_is_before_the_date_header_is_used_not_refused(
+    clock: FakeClock,
     start_proxy: ProxyFactory,
     http: aiohttp.ClientSession,
     hostile: HostileTokenServer,
@@ -43,5 +46,6 @@ async def test_a_token_whose_exp_is_before_the_date_header_is_used_not_refused(
     assert 6 * 3600 - 2 <= beta["expires_in"] <= 6 * 3600
     # Once the endpoint heals, the next fresh token is accepted upstream.
     hostile.heal()
+    await run_for(clock, proxy, MIN_AGE_TO_DROP_AGAIN + 1, 5)  # the refused token may go now
     proxy.managers["royalti"].invalidate(BETA, proxy.managers["royalti"].peek(BETA))  # type: ignore[arg-type]
     assert (await get(http, proxy, BETA))[0] == 200
