@@ -355,3 +355,19 @@ async def test_a_workspace_id_royalti_calls_invalid_is_unknown_too(
     assert fake.authtoken_calls["not a uuid"] == 1
     state = next(s for s in proxy.managers["royalti"].states() if s.key == "not a uuid")
     assert (state.state, state.last_error) == ("unknown_workspace", "WORKSPACE_INVALID")
+
+
+async def test_a_concurrent_flood_of_distinct_bogus_workspaces_costs_one_call_each(
+    start_proxy, fake, fake_url, http
+):
+    proxy = await start_proxy(royalti_config(fake_url, default_workspace=WS[0]))
+    manager = proxy.managers["royalti"]
+    await manager.wait_idle()
+    bogus = [f"bogus-{i:04d}" for i in range(200)]
+    results = await asyncio.gather(*(_get(http, proxy, ws) for ws in bogus * 3))
+    assert {status for status, _, _ in results} == {404}
+    assert {ws: fake.authtoken_calls[ws] for ws in bogus} == dict.fromkeys(bogus, 1)
+    assert manager.unknown_workspaces() == 200
+    assert (await _get(http, proxy, WS[0]))[0] == 200
+    assert fake.authtoken_calls[WS[0]] == 1  # the default workspace was not disturbed
+    assert (await _admin(http, proxy, "/readyz"))[0] == 200
