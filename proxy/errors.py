@@ -17,7 +17,9 @@
     │   ├── BodyTooLarge           413 BODY_TOO_LARGE
     │   ├── NoRoute                404 NO_ROUTE
     │   ├── WorkspaceRequired      400 WORKSPACE_REQUIRED
-    │   └── WorkspaceNotAllowed    403 WORKSPACE_NOT_ALLOWED
+    │   ├── WorkspaceNotAllowed    403 WORKSPACE_NOT_ALLOWED
+    │   └── UnknownWorkspace       404 UNKNOWN_WORKSPACE (Royalti does not know the client's
+    │                              workspace, or it is not the user's; remembered a while)
     ├── TokenUnavailable           503 TOKEN_UNAVAILABLE (with retry_after)
     ├── Overloaded                 503 OVERLOADED (with retry_after)
     └── UpstreamError
@@ -31,6 +33,9 @@
                                    token manager turns it into TokenUnavailable
     ├── CredentialRejected         the credential itself was refused (401, invalid_client): no
     │                              fast retry, it will not heal by itself
+    │   └── WorkspaceRejected      authtoken answered 404 (or 400/422) for the workspace: a
+    │                              configuration error for a default workspace, the client's
+    │                              for any other
     └── RateLimited                429 from the token endpoint (with retry_after)
 
 Messages never contain a secret: they are built from status codes, error codes and key names.
@@ -141,6 +146,11 @@ class WorkspaceNotAllowed(RequestError):
     status = 403
 
 
+class UnknownWorkspace(RequestError):
+    code = "UNKNOWN_WORKSPACE"
+    status = 404
+
+
 class TokenUnavailable(ProxyError):
     code = "TOKEN_UNAVAILABLE"
     status = 503
@@ -208,6 +218,12 @@ class TokenFetchError(Exception):
 
 class CredentialRejected(TokenFetchError):
     """The configured credential was refused; retrying fast will not help."""
+
+
+class WorkspaceRejected(CredentialRejected):
+    """The token endpoint refused the workspace asked for (Royalti: 404, "unknown workspace",
+    also what a workspace that is not the user's gets; or a validation error), not the
+    credential."""
 
 
 class RateLimited(TokenFetchError):

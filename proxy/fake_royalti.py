@@ -205,7 +205,10 @@ class FakeRoyalti:
     and decides expiry, so tests can skew it against the proxy's clock. Tokens are HS256 JWTs
     signed with ``secret``. Every user in ``users`` (email → password) belongs to every workspace
     in ``workspaces``; each key of ``api_keys`` resolves to one workspace. Access tokens omit
-    ``iat`` when ``omit_iat`` is set (a server that does not send it).
+    ``iat`` when ``omit_iat`` is set (a server that does not send it). ``jwt_offset`` and
+    ``date_offset`` (seconds, default 0) set the issuer's clock (``iat``/``exp`` and expiry) and
+    the clock that stamps the ``Date`` header apart from ``wall`` and from each other, as when a
+    front end or a CDN with its own clock sits before the issuer.
 
     Attributes to observe: ``login_calls``, ``authtoken_calls`` (by requested workspace),
     ``last_user_id`` (the last ``userId`` query sent to authtoken), ``api_calls`` (requests to any
@@ -216,7 +219,8 @@ class FakeRoyalti:
     Knobs: ``login_failures`` / ``authtoken_failures`` (``(status, retry_after)`` answered, in
     order, by the next calls, before anything else is checked), ``revoked_refresh`` /
     :meth:`revoke_refresh_tokens`, ``revoked_access`` / :meth:`revoke_access_token`,
-    ``reject_all_access_before`` (wall time: access tokens issued before it are refused),
+    ``reject_all_access_before`` (on the issuer's clock, ``jwt_wall``: access tokens issued
+    before it are refused),
     ``sse_gate`` and ``sse_interval`` (pacing of ``POST /ai/chat``).
     """
 
@@ -233,6 +237,8 @@ class FakeRoyalti:
         login_limit: int = 20,
         login_window: float = 180.0,
         omit_iat: bool = False,
+        jwt_offset: float = 0.0,
+        date_offset: float = 0.0,
     ) -> None:
         if not workspaces:
             raise ValueError("workspaces must not be empty")
@@ -250,6 +256,8 @@ class FakeRoyalti:
         self.login_limit = login_limit
         self.login_window = login_window
         self.omit_iat = omit_iat
+        self.jwt_offset = jwt_offset
+        self.date_offset = date_offset
 
         # Observations.
         self.login_calls = 0
@@ -285,7 +293,7 @@ class FakeRoyalti:
 
     def issue_refresh_token(self, email: str = "ops@example.com") -> str:
         """Mint a refresh token as ``POST /auth/login`` would (for operator-supplied tokens)."""
-        iat = int(self.wall())
+        iat = int(self.jwt_wall())
         token = self._encode(
             {
                 "id": self.user_id(email),
@@ -300,7 +308,7 @@ class FakeRoyalti:
 
     def issue_access_token(self, workspace: str, email: str = "ops@example.com") -> str:
         """Mint an access token for ``workspace`` as ``GET /auth/authtoken`` would."""
-        now = self.wall()
+        now = self.jwt_wall()
         iat = int(now)
         jti = uuid.uuid4().hex
         claims: dict[str, Any] = {
@@ -315,6 +323,10 @@ class FakeRoyalti:
             del claims["iat"]
         self._issued_at[jti] = now
         return self._encode(claims)
+
+    def jwt_wall(self) -> float:
+        """The issuer's clock: ``wall`` plus ``jwt_offset``."""
+        return self.wall() + self.jwt_offset
 
     def revoke_refresh_tokens(self) -> None:
         """Revoke every refresh token issued so far: authtoken then answers 401 for them."""
@@ -348,7 +360,7 @@ class FakeRoyalti:
 
     def _expired(self, claims: Mapping[str, Any]) -> bool:
         exp = claims.get("exp")
-        return not isinstance(exp, int | float) or self.wall() >= exp
+        return not isinstance(exp, int | float) or self.jwt_wall() >= exp
 
     @staticmethod
     def _bearer(request: web.Request) -> str:
@@ -399,7 +411,9 @@ class FakeRoyalti:
 
     async def _set_date(self, request: web.Request, response: web.StreamResponse) -> None:
         # The Date header follows the injected clock, so a client can measure skew against it.
-        response.headers[hdrs.DATE] = email.utils.formatdate(self.wall(), usegmt=True)
+        response.headers[hdrs.DATE] = email.utils.formatdate(
+            self.wall() + self.date_offset, usegmt=True
+        )
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -261,7 +261,10 @@ class ProxyCollector(Collector):
             cache.add_metric([name, "hit"], manager.hits)
             cache.add_metric([name, "miss"], manager.misses)
             waits.add_metric([name], manager.waits)
-            for label, states in self._bounded(manager.states()):
+            # Unknown workspaces are a client's typo: no series for them (their ids are the
+            # client's choice, and token_valid 0 would page someone for it).
+            known = [s for s in manager.states() if s.state != "unknown_workspace"]
+            for label, states in self._bounded(known):
                 live = [s.wall_expires_at for s in states if s.valid and s.wall_expires_at]
                 if live:
                     expiry.add_metric([name, label], min(live))

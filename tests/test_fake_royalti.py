@@ -122,6 +122,34 @@ async def test_login_returns_workspaces_and_a_24h_refresh_token_but_no_access_to
     assert api.fake.login_calls == 1
 
 
+@pytest.mark.parametrize(("jwt_offset", "date_offset"), [(-3600.0, 0.0), (3600.0, 120.0)])
+async def test_the_issuer_clock_and_the_date_clock_are_set_apart_independently(
+    start: Start, jwt_offset: float, date_offset: float
+) -> None:
+    api = await start(jwt_offset=jwt_offset, date_offset=date_offset)
+    refresh = await api.refresh_token()
+    resp = await api.authtoken(refresh)
+    assert resp.status == 200
+    access = claims((await resp.json())["data"]["access_token"])
+    assert access["iat"] == int(api.wall.now + jwt_offset)
+    assert access["exp"] == int(api.wall.now + jwt_offset) + 6 * 3600
+    assert claims(refresh)["iat"] == int(api.wall.now + jwt_offset)
+    date = parsedate_to_datetime(resp.headers["Date"]).timestamp()
+    assert date == int(api.wall.now + date_offset)
+
+
+async def test_expiry_is_judged_on_the_issuers_clock_not_the_date_clock(start: Start) -> None:
+    # The Date clock is 7 h ahead: by it every token is expired, by the issuer's none is.
+    api = await start(date_offset=7 * 3600.0)
+    token = await api.access_token()
+    async with api.session.get(f"{api.url}/user/", headers=bearer(token)) as resp:
+        assert resp.status == 200
+    api.fake.jwt_offset = 6 * 3600.0
+    async with api.session.get(f"{api.url}/user/", headers=bearer(token)) as resp:
+        assert resp.status == 401
+    assert api.fake.expired_seen == 1
+
+
 async def test_two_logins_in_the_same_second_give_different_refresh_tokens(start: Start) -> None:
     api = await start()
     assert await api.refresh_token() != await api.refresh_token()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import jwt
 import pytest
 
 from proxy.errors import TokenFetchError
-from proxy.tokens.token import MAX_LIFETIME, Token, jwt_lifetime, make_token, safety_margin
+from proxy.tokens.token import (
+    MAX_LIFETIME,
+    SkewNotice,
+    Token,
+    jwt_lifetime,
+    make_token,
+    safety_margin,
+)
 
 KEY = "k" * 32
 
@@ -88,3 +96,65 @@ def test_a_fingerprint_is_eight_hex_digits_and_not_the_token():
     assert len(t.fingerprint) == 8
     assert int(t.fingerprint, 16) >= 0
     assert t.fingerprint not in "secret-token-value"
+
+
+# -- issue 12: the Date header and the issuer's clock disagree ---------------------------------
+
+
+def test_a_fresh_token_whose_date_header_is_past_exp_is_used_for_exp_minus_iat():
+    # The issuer's clock is an hour behind the clock that stamps Date: exp - Date is negative.
+    value = _jwt(iat=1_000, exp=1_000 + 600)
+    lifetime, _ = jwt_lifetime(value, server_time=1_000 + 3_600.0, local_wall=0.0)
+    assert lifetime == 600
+
+
+@pytest.mark.parametrize("skew", [3_600.0, -3_600.0, 7 * 3_600.0, -7 * 3_600.0, 301.0, -301.0])
+def test_a_date_header_beyond_the_tolerance_is_ignored_whichever_clock_is_ahead(skew):
+    value = _jwt(iat=100_000, exp=100_000 + 21_600)
+    notice = SkewNotice("royalti")
+    lifetime, _ = jwt_lifetime(value, server_time=100_000 + skew, local_wall=0.0, skew=notice)
+    assert lifetime == 21_600
+
+
+@pytest.mark.parametrize("skew", [180.0, 299.0, 1.0])
+def test_a_date_header_a_few_minutes_after_iat_shortens_the_lifetime(skew):
+    value = _jwt(iat=100_000, exp=100_000 + 21_600)
+    lifetime, _ = jwt_lifetime(value, server_time=100_000 + skew, local_wall=0.0)
+    assert lifetime == 21_600 - skew
+
+
+def test_a_date_header_a_few_minutes_before_iat_never_lengthens_the_lifetime():
+    value = _jwt(iat=100_000, exp=100_000 + 21_600)
+    lifetime, _ = jwt_lifetime(value, server_time=100_000 - 240.0, local_wall=0.0)
+    assert lifetime == 21_600
+
+
+def test_the_date_header_never_takes_more_than_half_of_a_short_lifetime():
+    # 60 s token, Date 40 s after iat: within 5 minutes, but more than half the lifetime.
+    value = _jwt(iat=1_000, exp=1_060)
+    lifetime, _ = jwt_lifetime(value, server_time=1_040.0, local_wall=0.0)
+    assert lifetime == 60
+    lifetime, _ = jwt_lifetime(value, server_time=1_020.0, local_wall=0.0)
+    assert lifetime == 40
+
+
+def test_a_handed_in_token_has_only_exp_minus_now_left_however_old():
+    value = _jwt(iat=1_000, exp=1_000 + 86_400)
+    lifetime, _ = jwt_lifetime(value, server_time=1_000 + 80_000.0, local_wall=0.0, fresh=False)
+    assert lifetime == 6_400
+    lifetime, _ = jwt_lifetime(value, server_time=1_000 + 90_000.0, local_wall=0.0, fresh=False)
+    assert lifetime < 0  # make_token then rejects it as expired
+
+
+def test_the_skew_warning_is_logged_once_per_distinct_skew_not_per_token(caplog):
+    notice = SkewNotice("royalti")
+    with caplog.at_level(logging.WARNING, logger="proxy.tokens"):
+        for i in range(50):  # 50 tokens, all an hour off (give or take a few seconds)
+            iat = 100_000 + i * 600
+            value = _jwt(iat=iat, exp=iat + 600)
+            jwt_lifetime(value, server_time=iat + 3_600.0 + i % 3, local_wall=0.0, skew=notice)
+        value = _jwt(iat=500_000, exp=500_600)
+        jwt_lifetime(value, server_time=500_000 - 7_200.0, local_wall=0.0, skew=notice)
+    records = [r for r in caplog.records if getattr(r, "event", None) == "issuer_clock_skew"]
+    assert [r.skew_seconds for r in records] == [-3_600, 7_200]
+    assert all(r.issuer == "royalti" for r in records)

@@ -15,6 +15,12 @@ One :class:`TokenManager` serves one upstream. Keys are Royalti workspace ids, o
 * **Idle keys** (not used for ``idle_timeout``) are not renewed and drop out; pinned keys (the
   default workspaces, which readiness depends on) never do. The cache is an LRU bounded by
   ``max_entries``.
+* **Unknown workspaces**: a workspace a client named that the source refuses
+  (:class:`~proxy.errors.WorkspaceRejected`) and that has no valid token is the client's mistake,
+  not a configuration error: it leaves the token cache (no background renewal, no task) for a
+  separate negative cache, bounded by ``max_entries`` and remembered for ``max_backoff``, and
+  requests for it get :class:`~proxy.errors.UnknownWorkspace` without an upstream call. A pinned
+  workspace refused the same way stays what it was: a configuration error readiness reports.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import logging
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,13 +39,29 @@ from cachetools import LRUCache
 
 from proxy.clock import Clock
 from proxy.config import TokenSettings
-from proxy.errors import CredentialRejected, TokenFetchError, TokenUnavailable
+from proxy.errors import (
+    CredentialRejected,
+    TokenFetchError,
+    TokenUnavailable,
+    UnknownWorkspace,
+    WorkspaceRejected,
+)
 from proxy.tokens.backoff import retry_delay
 from proxy.tokens.source import TokenSource
 from proxy.tokens.token import Token
 
 log = logging.getLogger("proxy.tokens")
 _T = TypeVar("_T")
+
+#: A workspace id longer than this is refused as unknown without asking the upstream: Royalti's
+#: are 36-character UUIDs, and a client-chosen key is kept in memory and sent as a query.
+MAX_WORKSPACE_LENGTH = 128
+#: Unknown-workspace log lines named per ``max_backoff`` interval; the rest are counted.
+UNKNOWN_LOG_BURST = 10
+#: After an upstream rejection dropped a key's token, its replacement is not dropped again by a
+#: rejection for this long: an endpoint that answers 401 whatever the token (one the user may not
+#: use, chosen by the client) would otherwise cost a token renewal per request.
+MIN_AGE_TO_DROP_AGAIN = 30.0
 
 
 @dataclass(slots=True, eq=False)
@@ -54,7 +77,23 @@ class _Entry:
     failures: int = 0
     last_error: str | None = None
     next_attempt: float = 0.0
+    dropped_at: float = -math.inf
+    """When an upstream rejection last dropped this key's token (monotonic)."""
+    refused: bool = False
+    """The last fetch was refused as an unknown workspace (while a token was still valid)."""
+    unknown: bool = False
+    """Refused as an unknown workspace: its waiters get UnknownWorkspace."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True, eq=False)
+class _Unknown:
+    """A workspace the source refused, remembered so that asking again costs nothing."""
+
+    key: str
+    until: float
+    last_used: float
+    code: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +101,7 @@ class TokenState:
     """One key's state, for the token-status endpoint, readiness and metrics. No secret in it."""
 
     key: str
-    state: str  # valid | renewing | failing | expired | empty
+    state: str  # valid | renewing | failing | expired | empty | unknown_workspace
     valid: bool
     """A token that can be injected now (also while it is being renewed)."""
     idle_for: float
@@ -111,6 +150,12 @@ class TokenManager:
         # Pinned keys (the default workspaces readiness depends on) live outside the LRU, so no
         # amount of traffic to other workspaces can evict them.
         self._pinned: dict[str, _Entry] = {}
+        # Unknown workspaces, oldest first (all are remembered for the same time, so insertion
+        # order is expiry order): purged from the front, bounded like the token cache.
+        self._unknown: OrderedDict[str, _Unknown] = OrderedDict()
+        self._unknown_logged = 0
+        self._unknown_suppressed = 0
+        self._unknown_log_window = -math.inf
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         # Plain counters, read by the metrics collector at scrape time: nothing on the hot path
@@ -130,6 +175,8 @@ class TokenManager:
         now = self._clock.monotonic()
         if entry is not None:
             entry.last_used = now
+        elif self.source.per_workspace:
+            self._check_unknown(key, now)
         return await self._get_slow(key, entry, now)
 
     def cached(self, key: str) -> Token | None:
@@ -159,6 +206,11 @@ class TokenManager:
             entry = self._new_entry(key, now)
         if entry.inflight is None:
             if now < entry.next_attempt:
+                if entry.refused and not entry.pinned:
+                    # Its token has run out and Royalti said the workspace is not (or no
+                    # longer) the user's: the client's problem from now on.
+                    self._forget_workspace(entry, entry.last_error or "", now)
+                    raise self._unknown_error()
                 raise self._unavailable(entry, now)
             self._start_fetch(entry)
         assert entry.inflight is not None
@@ -166,6 +218,8 @@ class TokenManager:
         try:
             return await asyncio.shield(entry.inflight)
         except TokenFetchError:
+            if entry.unknown:
+                raise self._unknown_error() from None
             raise self._unavailable(entry, self._clock.monotonic()) from None
 
     def _unavailable(self, entry: _Entry, now: float) -> TokenUnavailable:
@@ -176,17 +230,89 @@ class TokenManager:
             details=[f"last error: {entry.last_error}"] if entry.last_error else [],
         )
 
+    # -- unknown workspaces -------------------------------------------------------------------
+
+    def _check_unknown(self, key: str, now: float) -> None:
+        """Raise :class:`UnknownWorkspace` when ``key`` is known to be unknown (or cannot be a
+        workspace id); forget it once its time is up, so the next request asks again."""
+        if len(key) > MAX_WORKSPACE_LENGTH:
+            raise self._unknown_error()
+        known = self._unknown.get(key)
+        if known is None:
+            return
+        if now < known.until:
+            known.last_used = now
+            raise self._unknown_error()
+        del self._unknown[key]
+
+    def _unknown_error(self) -> UnknownWorkspace:
+        return UnknownWorkspace(
+            "unknown workspace: Royalti does not know it, or it is not this user's",
+            details=[f"not asked for again before {math.ceil(self._settings.max_backoff)} s"],
+        )
+
+    def _forget_workspace(self, entry: _Entry, code: str, now: float) -> None:
+        """Move ``entry`` from the token cache to the unknown workspaces: no task, no renewal."""
+        entry.unknown = True
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        current = asyncio.current_task()
+        if entry.loop is not None and entry.loop is not current:
+            entry.loop.cancel()
+        unknown = self._unknown
+        while unknown:
+            oldest = next(iter(unknown.values()))
+            if oldest.until > now and len(unknown) < self._settings.max_entries:
+                break
+            unknown.popitem(last=False)
+        unknown.pop(entry.key, None)
+        unknown[entry.key] = _Unknown(
+            key=entry.key,
+            until=now + self._settings.max_backoff,
+            last_used=entry.last_used,
+            code=code,
+        )
+        self._log_unknown(entry.key, code, now)
+
+    def _log_unknown(self, key: str, code: str, now: float) -> None:
+        # A client can name any number of workspaces: a bounded number of lines per interval.
+        if now - self._unknown_log_window >= self._settings.max_backoff:
+            self._unknown_log_window = now
+            self._unknown_logged = 0
+        if self._unknown_logged >= UNKNOWN_LOG_BURST:
+            self._unknown_suppressed += 1
+            return
+        self._unknown_logged += 1
+        suppressed, self._unknown_suppressed = self._unknown_suppressed, 0
+        log.warning(
+            "a client asked for an unknown workspace (or one that is not this user's)",
+            extra={
+                "event": "unknown_workspace",
+                "upstream": self.upstream,
+                "workspace": key,
+                "error_code": code,
+                "remembered_for": self._settings.max_backoff,
+                "suppressed": suppressed,
+            },
+        )
+
     # -- invalidation -------------------------------------------------------------------------
 
     def invalidate(self, key: str, token: Token) -> bool:
         """Drop ``token`` if it is still the cached one for ``key`` (compare-and-invalidate).
 
         Returns True when it was dropped. A burst of rejections of the same token drops it once,
-        so it causes one renewal, not one per rejected request.
+        so it causes one renewal, not one per rejected request; and the token that replaced a
+        dropped one is not dropped again for :data:`MIN_AGE_TO_DROP_AGAIN` (a fresh token that
+        is refused too points at the request, not at the token).
         """
         entry = self._find(key)
         if entry is None or entry.token is None or entry.token.value != token.value:
             return False
+        now = self._clock.monotonic()
+        if now - entry.dropped_at < MIN_AGE_TO_DROP_AGAIN:
+            return False
+        entry.dropped_at = now
         entry.token = None
         log.info(
             "token rejected by upstream; dropped",
@@ -240,6 +366,7 @@ class TokenManager:
         entry.fetched_wall = self._clock.wall()
         entry.failures = 0
         entry.last_error = None
+        entry.refused = False
         entry.next_attempt = 0.0
         entry.next_refresh = token.refresh_at(self._rng)
         log.info(
@@ -258,6 +385,16 @@ class TokenManager:
 
     def _failed(self, entry: _Entry, exc: TokenFetchError) -> None:
         now = self._clock.monotonic()
+        token = entry.token
+        still_valid = token is not None and token.is_valid(now)
+        entry.refused = isinstance(exc, WorkspaceRejected) and not entry.pinned
+        if entry.refused:
+            if not still_valid:
+                self._forget_workspace(entry, exc.code, now)
+                entry.wake.set()
+                return
+            # A workspace that was real until now: keep serving its token while it lasts.
+            self._log_unknown(entry.key, exc.code, now)
         entry.failures += 1
         entry.last_error = exc.code
         delay = retry_delay(
@@ -269,9 +406,9 @@ class TokenManager:
         )
         entry.next_attempt = now + delay
         entry.next_refresh = entry.next_attempt
-        token = entry.token
-        still_valid = token is not None and token.is_valid(now)
-        rejected = isinstance(exc, CredentialRejected)
+        rejected = isinstance(exc, CredentialRejected) and not (
+            isinstance(exc, WorkspaceRejected) and not entry.pinned
+        )
         # A refused credential will not heal by itself: say so loudly, once per failure streak.
         log.log(
             logging.ERROR if rejected and entry.failures == 1 else logging.WARNING,
@@ -348,6 +485,7 @@ class TokenManager:
         """Keep ``keys`` renewed whether or not they are used, and fetch them now."""
         now = self._clock.monotonic()
         for key in keys:
+            self._unknown.pop(key, None)  # a default workspace is never a client's typo
             entry = self._find(key) or self._new_entry(key, now)
             entry.pinned = True
             self._entries.pop(key, None)
@@ -357,7 +495,30 @@ class TokenManager:
 
     def states(self) -> list[TokenState]:
         now = self._clock.monotonic()
-        return [self._state(e, now) for e in self._all()]
+        states = [self._state(e, now) for e in self._all()]
+        states.extend(
+            TokenState(
+                key=u.key,
+                state="unknown_workspace",
+                valid=False,
+                idle_for=round(now - u.last_used, 3),
+                fingerprint=None,
+                expires_in=None,
+                wall_expires_at=None,
+                fetched_wall=None,
+                next_refresh_in=None,
+                consecutive_failures=0,
+                last_error=u.code,
+                pinned=False,
+            )
+            for u in self._unknown.values()
+            if now < u.until
+        )
+        return states
+
+    def unknown_workspaces(self) -> int:
+        """How many unknown workspaces are remembered (expired ones included until purged)."""
+        return len(self._unknown)
 
     def _state(self, e: _Entry, now: float) -> TokenState:
         t = e.token

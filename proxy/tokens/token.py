@@ -94,15 +94,61 @@ def _number(claims: dict[str, Any], name: str) -> float | None:
     return float(v)
 
 
+#: How far a ``Date`` header may stray from a fresh token's ``iat`` and still be believed.
+DATE_TOLERANCE = 300.0
+
+
+class SkewNotice:
+    """Warns when a token issuer's clock and its ``Date`` header disagree: once per distinct
+    skew, not once per token (a skewed front end skews every answer)."""
+
+    __slots__ = ("_warned", "issuer")
+
+    def __init__(self, issuer: str) -> None:
+        self.issuer = issuer
+        """Who issues the tokens, for the log (an upstream name or a source kind, never a URL)."""
+        self._warned: float | None = None
+
+    def note(self, skew: float) -> None:
+        """``skew`` is ``iat`` minus ``Date``: positive when the issuer's clock is ahead."""
+        if self._warned is not None and abs(skew - self._warned) <= DATE_TOLERANCE:
+            return
+        self._warned = skew
+        log.warning(
+            "the token issuer's clock and its Date header disagree; "
+            "token lifetimes are taken from exp - iat",
+            extra={
+                "event": "issuer_clock_skew",
+                "issuer": self.issuer,
+                "skew_seconds": round(skew),
+            },
+        )
+
+
 def jwt_lifetime(
-    value: str, *, server_time: float | None, local_wall: float
+    value: str,
+    *,
+    server_time: float | None,
+    local_wall: float,
+    fresh: bool = True,
+    skew: SkewNotice | None = None,
 ) -> tuple[float, float]:
     """``(lifetime, exp)`` of a JWT, read without verifying its signature.
 
     The lifetime is ``exp - iat``: the issuer's own clock on both sides, so a skew between our
-    clock and the issuer's does not matter; when the issuer's ``Date`` header (``server_time``)
-    says less is left than that, the lesser wins. Without ``iat`` we compare ``exp`` with the
-    issuer's ``Date``, and only as a last resort with our own clock.
+    clock and the issuer's does not matter. ``server_time`` (the ``Date`` header of the answer
+    that carried a ``fresh`` token, or our clock for a token handed in) can only shorten it:
+
+    * a handed-in token (``fresh=False``) was issued some time ago: what is left is ``exp``
+      minus ``server_time``, never more than ``exp - iat``;
+    * a fresh token's ``Date`` is believed only when it agrees with ``iat`` within
+      :data:`DATE_TOLERANCE` and half the lifetime (so it never takes more than half). A
+      ``Date`` further off means the clock that stamps it (a front end, a CDN) is not the
+      issuer's: ``exp - iat`` is trusted, ``skew`` warns once, and an upstream that really
+      refuses the token still gets the 401 replay.
+
+    Without ``iat`` we compare ``exp`` with ``server_time``, and only as a last resort with our
+    own clock.
     """
     claims = _claims(value)
     exp = _number(claims, "exp")
@@ -112,9 +158,10 @@ def jwt_lifetime(
     if iat is not None and iat <= exp:
         lifetime = exp - iat
         if server_time is not None:
-            # Both on the issuer's clock, so still skew-proof: a token issued long ago (or
-            # already expired) has only what its issuer's clock says is left.
-            lifetime = min(lifetime, exp - server_time)
+            if not fresh or abs(server_time - iat) <= min(DATE_TOLERANCE, lifetime / 2):
+                lifetime = min(lifetime, exp - server_time)
+            elif skew is not None:
+                skew.note(iat - server_time)
     else:
         lifetime = exp - (server_time if server_time is not None else local_wall)
     return lifetime, exp

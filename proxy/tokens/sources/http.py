@@ -18,6 +18,10 @@ from proxy.errors import TokenFetchError
 
 #: Token responses are small; a larger body is a broken or hostile endpoint.
 MAX_TOKEN_BODY = 1024 * 1024
+#: The longest ``Retry-After`` honoured. Royalti's login limit is a 3-minute window; an answer
+#: asking for a day (a misconfigured limiter, or an HTTP-date from a clock other than the one
+#: behind ``Date``) must not stop the proxy from asking for a day.
+MAX_RETRY_AFTER = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +41,19 @@ class JsonResponse:
 def parse_retry_after(value: str | None, server_time: float | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP-date
     (RFC 9110 §10.2.3). An HTTP-date is compared with the server's own ``Date`` so that our
-    clock's skew does not matter."""
+    clock's skew does not matter. Never more than :data:`MAX_RETRY_AFTER`."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if server_time is None:
         return None
-    return max(0.0, when - server_time)
+    return min(max(0.0, when - server_time), MAX_RETRY_AFTER)
 
 
 def _server_time(headers: Mapping[str, str]) -> float | None:

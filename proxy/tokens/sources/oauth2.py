@@ -21,7 +21,7 @@ from proxy.secret import Secret
 from proxy.tokens.shared import LOCAL, CredentialHold, CredentialStore
 from proxy.tokens.source import SINGLE_KEY, CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
-from proxy.tokens.token import Token, fingerprint, jwt_lifetime, make_token
+from proxy.tokens.token import SkewNotice, Token, fingerprint, jwt_lifetime, make_token
 
 log = logging.getLogger("proxy.tokens")
 
@@ -151,6 +151,7 @@ class OAuth2Source:
         self._refresh_supported = True
         self._lock = asyncio.Lock()
         self._warned_default_lifetime = False
+        self._skew = SkewNotice(self.kind)
         self._last_error: str | None = None
         self.observer: FetchObserver = ignore
 
@@ -307,7 +308,9 @@ class OAuth2Source:
             )
         if value.count(".") == 2:
             try:
-                lifetime, _ = jwt_lifetime(value, server_time=server_time, local_wall=local_wall)
+                lifetime, _ = jwt_lifetime(
+                    value, server_time=server_time, local_wall=local_wall, skew=self._skew
+                )
             except TokenFetchError:
                 pass  # a JWT without exp, or not a JWT after all
             else:

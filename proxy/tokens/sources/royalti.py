@@ -26,13 +26,13 @@ from typing import Any
 import aiohttp
 
 from proxy.clock import Clock
-from proxy.errors import CredentialRejected, RateLimited, TokenFetchError
+from proxy.errors import CredentialRejected, RateLimited, TokenFetchError, WorkspaceRejected
 from proxy.secret import Secret
 from proxy.tokens.backoff import retry_delay
 from proxy.tokens.shared import LOCAL, CredentialStore, Shared
 from proxy.tokens.source import CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
-from proxy.tokens.token import Token, jwt_lifetime, make_token
+from proxy.tokens.token import SkewNotice, Token, jwt_lifetime, make_token
 
 log = logging.getLogger("proxy.tokens")
 
@@ -76,6 +76,7 @@ class RoyaltiSource:
         self._max_backoff = max_backoff
         self._upstream = upstream
         self._rng = rng or random.Random()
+        self._skew = SkewNotice(upstream)
         self.observer: FetchObserver = ignore
         self.credential: CredentialStore = LOCAL
         """Where the refresh token from logins is kept (set by the wiring, like ``observer``)."""
@@ -138,7 +139,15 @@ class RoyaltiSource:
         if resp.status == 401:
             raise CredentialRejected("REFRESH_TOKEN_REJECTED", "authtoken answered 401")
         if resp.status == 404:
-            raise CredentialRejected("WORKSPACE_NOT_FOUND", "authtoken answered 404 for workspace")
+            # UPSTREAMS.md: 404 is "unknown workspace", also the answer for one that is not
+            # the user's. Which workspace is the manager's business (it may be a client's typo).
+            raise WorkspaceRejected("WORKSPACE_NOT_FOUND", "authtoken answered 404 for workspace")
+        if resp.status in (400, 422):
+            # The only thing a request to authtoken varies is currentWorkspace: a validation
+            # error is about it (a malformed id, say), just as final as a 404.
+            raise WorkspaceRejected(
+                "WORKSPACE_INVALID", f"authtoken answered {resp.status} for workspace"
+            )
         if resp.status != 200:
             raise status_error(resp, "authtoken")
         value = _dig(resp.body, "data", "access_token")
@@ -150,6 +159,7 @@ class RoyaltiSource:
             requested_at=requested_at,
             wall_requested_at=wall_at,
             what="royalti access token",
+            skew=self._skew,
         )
 
     # -- the refresh token --------------------------------------------------------------------
@@ -202,6 +212,7 @@ class RoyaltiSource:
                 requested_at=self._clock.monotonic(),
                 wall_requested_at=now,
                 what="handed-in refresh token",
+                fresh=False,
             )
         except TokenFetchError as exc:
             raise CredentialRejected(exc.code, f"handed-in refresh token: {exc.message}") from exc
@@ -357,6 +368,7 @@ class RoyaltiSource:
             requested_at=requested_at,
             wall_requested_at=wall_at,
             what="royalti refresh token",
+            skew=self._skew,
         )
 
     async def _renew_loop(self) -> None:
@@ -401,10 +413,18 @@ def _jwt_token(
     requested_at: float,
     wall_requested_at: float,
     what: str,
+    fresh: bool = True,
+    skew: SkewNotice | None = None,
 ) -> Token:
-    """A Royalti JWT as a :class:`Token`. ``reference_time`` is the issuer's clock (its ``Date``
-    header), or ours for a token handed in: the lifetime never exceeds ``exp`` minus it."""
-    lifetime, _ = jwt_lifetime(value, server_time=reference_time, local_wall=wall_requested_at)
+    """A Royalti JWT as a :class:`Token`. ``reference_time`` is the answer's ``Date`` header
+    for a ``fresh`` token, or our clock for a token handed in (see :func:`jwt_lifetime`)."""
+    lifetime, _ = jwt_lifetime(
+        value,
+        server_time=reference_time,
+        local_wall=wall_requested_at,
+        fresh=fresh,
+        skew=skew,
+    )
     return make_token(
         value,
         lifetime=lifetime,
