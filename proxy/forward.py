@@ -620,6 +620,7 @@ class Forwarder:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream {route.name} did not answer in time") from exc
         except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
+            route.stats.egress_errors += 1
             raise egress_error(route.name, route.egress_proxy, exc) from exc
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
             raise UpstreamTLSError(f"TLS to upstream {route.name} failed to verify") from exc
@@ -632,6 +633,7 @@ class Forwarder:
                 f"upstream {route.name} unreachable ({type(exc).__name__})"
             ) from exc
         if resp.status == 407 and route.egress_proxy is not None:
+            route.stats.egress_errors += 1
             # Only a proxy answers 407 (RFC 9110 §15.5.8): ours, refusing a plain-HTTP request.
             resp.release()
             raise EgressProxyError(

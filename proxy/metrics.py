@@ -92,13 +92,14 @@ def _fmt(bound: float) -> str:
 class RouteStats:
     """One upstream's per-request counters, updated by the forwarder without any lock."""
 
-    __slots__ = ("duration", "replays", "requests", "stale_retries")
+    __slots__ = ("duration", "egress_errors", "replays", "requests", "stale_retries")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
         self.duration = FastHistogram()
         self.replays = 0
         self.stale_retries = 0
+        self.egress_errors = 0
 
     def record(self, method: str, status: int) -> None:
         key = (method if method in METHODS else "OTHER", status)
@@ -198,6 +199,12 @@ class ProxyCollector(Collector):
             "connection failed before any byte of the response (a stale keep-alive connection).",
             labels=["upstream"],
         )
+        egress = CounterMetricFamily(
+            f"{PREFIX}_egress_errors",
+            "Forwarded requests and WebSocket handshakes answered 502 because the egress "
+            "(outbound HTTP) proxy, not the upstream, failed: unreachable or refusing.",
+            labels=["upstream"],
+        )
         for route in self._routes():
             for (method, code), n in list(route.stats.requests.items()):
                 requests.add_metric([route.name, method, str(code)], n)
@@ -205,10 +212,12 @@ class ProxyCollector(Collector):
             duration.add_metric([route.name], h.buckets(), h.sum)
             replays.add_metric([route.name], route.stats.replays)
             retries.add_metric([route.name], route.stats.stale_retries)
+            egress.add_metric([route.name], route.stats.egress_errors)
         yield requests
         yield duration
         yield replays
         yield retries
+        yield egress
         fwd = self._forwarder()
         in_flight = GaugeMetricFamily(
             f"{PREFIX}_requests_in_flight", "Requests being handled by the proxy listener now."

@@ -103,6 +103,7 @@ async def _connect(
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout(f"upstream {route.name} did not answer the upgrade in time") from exc
     except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
+        route.stats.egress_errors += 1
         raise egress_error(route.name, route.egress_proxy, exc) from exc
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(

@@ -275,6 +275,9 @@ async def test_a_wrong_proxy_password_is_refused_with_errors_naming_the_egress_p
     assert body["error"]["details"] == ["cause: egress_proxy"]
     assert f"the egress proxy {egress.url} refused the CONNECT" in body["error"]["message"]
     assert "wrong-pw" not in str(body)
+    metrics = await (await http.get(proxy.addresses["admin"] + "/metrics")).text()
+    assert 'royalti_proxy_egress_errors_total{upstream="royalti"} 1.0' in metrics
+    assert "wrong-pw" not in metrics
     # The token endpoint meets it too: 503, with the cause in the details and in /tokens.
     royalti = await start_proxy(with_tls(royalti_config(tls_fake_url), ca_file), env=env)
     status, body = await get(http, royalti, "/user/")
@@ -304,6 +307,12 @@ async def test_an_unreachable_egress_proxy_gives_the_documented_errors(
         f"upstream royalti unreachable: the egress proxy {dead} could not be reached"
     )
     assert body["error"]["details"] == ["cause: egress_proxy"]
+    # A WebSocket handshake meets the same egress proxy, and both are counted as its failures.
+    with pytest.raises(aiohttp.WSServerHandshakeError) as handshake:
+        await http.ws_connect(proxy.addresses["proxy"] + "/socket.io/")
+    assert handshake.value.status == 502
+    metrics = await (await http.get(proxy.addresses["admin"] + "/metrics")).text()
+    assert 'royalti_proxy_egress_errors_total{upstream="royalti"} 2.0' in metrics
 
     royalti = await start_proxy(royalti_config(fake_url), env={"HTTP_PROXY": dead})
     status, body = await get(http, royalti, "/user/")
