@@ -117,21 +117,7 @@ def build_source(
         from proxy.tokens.sources.oauth2 import OAuth2Source
 
         return OAuth2Source(
-            grant=auth.grant,
-            token_url=auth.token_url,
-            client_id=auth.client_id,
-            client_secret=auth.client_secret,
-            client_auth=auth.client_auth,
-            username=auth.username,
-            password=auth.password,
-            scope=auth.scope,
-            extra_params=auth.extra_params,
-            extra_headers=auth.extra_headers,
-            default_lifetime=auth.default_lifetime,
-            timeout=up.timeouts.token,
-            session=session,
-            clock=clock,
-            ssl_context=tls,
+            settings=auth, timeout=up.timeouts.token, session=session, clock=clock, ssl_context=tls
         )
     assert isinstance(auth, NoAuth)
     return None

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -216,6 +217,20 @@ class ClientLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class EncryptionKeys:
+    """``token_store.encryption_key``: one or more Fernet keys (32 url-safe base64-encoded bytes
+    each), separated by whitespace or commas. The first encrypts, all of them decrypt, so keys
+    can be rotated without a flag day.
+
+    Two are equal when given the same way (the same inline text or the same file), as before
+    they were parsed: the keys read from the file are not compared.
+    """
+
+    source: SecretRef
+    keys: tuple[Secret, ...] = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class TokenStoreConfig:
     """Where tokens are kept: this process's memory, or Redis shared by every replica."""
 
@@ -223,8 +238,8 @@ class TokenStoreConfig:
     url: str | None = None
     """``redis://`` or ``rediss://`` (TLS), with user and password as Redis ACLs want them."""
     key_prefix: str = "royalti-proxy"
-    encryption_key: SecretRef | None = None
-    """A Fernet key (32 url-safe base64-encoded bytes) that encrypts every value written."""
+    encryption_key: EncryptionKeys | None = None
+    """The Fernet keys that encrypt every value written, parsed and checked at load."""
     timeout: float = 0.25
     """A request never waits on Redis longer than this; past it the local cache serves."""
     lease: float = 15.0
@@ -542,7 +557,7 @@ class _Reader:
 # -- building ---------------------------------------------------------------------------------
 
 
-def _auth(r: _Reader, token_timeout: float) -> tuple[Auth, AuthType]:
+def _auth(r: _Reader) -> tuple[Auth, AuthType]:
     auth_type = cast(AuthType, r.choice("type", "royalti", AUTH_TYPES))
     when = f"when type is {auth_type}"
     auth: Auth
@@ -617,25 +632,7 @@ def _auth(r: _Reader, token_timeout: float) -> tuple[Auth, AuthType]:
             default_lifetime=r.duration("default_lifetime", 3600.0),
         )
         if token_url:
-            from proxy.tokens.sources.oauth2 import validate_settings
-
-            try:
-                validate_settings(
-                    grant=grant,
-                    token_url=token_url,
-                    client_id=client_id,
-                    client_secret=client_secret,
-                    client_auth=client_auth,
-                    username=username,
-                    password=password,
-                    extra_params=auth.extra_params,
-                    extra_headers=auth.extra_headers,
-                    default_lifetime=auth.default_lifetime,
-                    timeout=token_timeout,
-                )
-            except ConfigError as exc:
-                for line in exc.problems:
-                    r.problems.append(f"{r.where(None)}.{line}")
+            r.problems.extend(f"{r.where(None)}.{line}" for line in _oauth2_problems(auth))
     elif auth_type == "static":
         token = r.secret_ref("token")
         if token is None:
@@ -648,13 +645,81 @@ def _auth(r: _Reader, token_timeout: float) -> tuple[Auth, AuthType]:
     return auth, auth_type
 
 
+# Form fields and headers the OAuth2 source writes itself (proxy.tokens.sources.oauth2), or that
+# aiohttp owns: extra_params and extra_headers may not override them.
+_OAUTH2_RESERVED_PARAMS = frozenset(
+    {"grant_type", "username", "password", "refresh_token", "client_id", "client_secret", "scope"}
+)
+_OAUTH2_RESERVED_HEADERS = frozenset(
+    {"content-type", "content-length", "host", "transfer-encoding"}
+)
+
+
+def _oauth2_problems(auth: OAuth2Auth) -> list[str]:
+    """What makes these OAuth2 settings unable to work, one line per problem, each starting with
+    its key below ``auth``. Checked here only: the source trusts the settings it is given."""
+    problems: list[str] = []
+    url = urlsplit(auth.token_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        problems.append("token_url: must be an absolute http or https URL")
+    client_auth = auth.client_auth
+    if client_auth in ("basic", "post") and not (auth.client_id and auth.client_secret):
+        problems.append(f"client_auth: {client_auth!r} needs client_id and client_secret")
+    if client_auth == "none" and auth.client_secret:
+        problems.append("client_secret: set, but client_auth is 'none'")
+    if auth.grant == "password" and not (auth.username and auth.password):
+        problems.append("username, password: the password grant needs both")
+    # RFC 6749 §4.4: only a confidential client may use the client-credentials grant.
+    if auth.grant == "client_credentials" and client_auth == "none":
+        problems.append("client_auth: the client_credentials grant needs 'basic' or 'post'")
+    for name in sorted(_OAUTH2_RESERVED_PARAMS.intersection(auth.extra_params)):
+        problems.append(f"extra_params.{name}: set by the source itself")
+    for name in sorted(auth.extra_headers):
+        lower = name.lower()
+        if lower in _OAUTH2_RESERVED_HEADERS or (
+            lower == "authorization" and client_auth == "basic"
+        ):
+            problems.append(f"extra_headers.{name}: set by the source itself")
+    if not auth.default_lifetime > 0:
+        problems.append("default_lifetime: must be positive")
+    return problems
+
+
+def _fernet_keys(text: str, *, where: str, problems: list[str]) -> tuple[Secret, ...]:
+    """The Fernet keys in ``text``; a line in ``problems`` naming ``where`` when unusable."""
+    # Imported here: only a redis token store encrypts, and only it needs cryptography.
+    from cryptography.fernet import Fernet
+
+    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
+    if not parts:
+        problems.append(f"{where}: is empty")
+        return ()
+    for i, part in enumerate(parts):
+        try:
+            Fernet(part.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            # Never the key itself in the message: only which one is wrong.
+            problems.append(
+                f"{where}: key {i + 1} is not a Fernet key (32 url-safe base64-encoded "
+                "bytes; make one with `python -c 'from cryptography.fernet import "
+                "Fernet; print(Fernet.generate_key().decode())'`)"
+            )
+            return ()
+    return tuple(Secret(p) for p in parts)
+
+
 def _token_store(r: _Reader) -> TokenStoreConfig:
     kind = r.choice("type", "memory", ("memory", "redis"))
+    url = r.text("url")
+    key_prefix = r.text("key_prefix", "royalti-proxy") or "royalti-proxy"
+    ref = r.secret_ref("encryption_key")
     store = TokenStoreConfig(
         type=cast(Literal["memory", "redis"], kind),
-        url=r.text("url"),
-        key_prefix=r.text("key_prefix", "royalti-proxy") or "royalti-proxy",
-        encryption_key=r.secret_ref("encryption_key"),
+        url=url,
+        key_prefix=key_prefix,
+        # Parsed below, for redis only (memory has no use for it); the reference alone
+        # still tells a changed key from an unchanged one on reload.
+        encryption_key=EncryptionKeys(ref, ()) if ref is not None else None,
         timeout=r.duration("timeout", 0.25),
         lease=r.duration("lease", 15.0),
         ca_file=r.text("ca_file"),
@@ -664,19 +729,16 @@ def _token_store(r: _Reader) -> TokenStoreConfig:
             r.problem("url", "required when type is redis")
         elif not store.url.startswith(("redis://", "rediss://", "unix://")):
             r.problem("url", "must be a redis://, rediss:// or unix:// URL")
-        if store.encryption_key is None:
+        if ref is None:
             r.problem("encryption_key_file", "required when type is redis (tokens are encrypted)")
         else:
-            from proxy.store.seal import Sealer
-
             try:
-                Sealer.from_text(
-                    store.encryption_key.load().reveal(), where=r.where("encryption_key")
-                )
-            except ConfigError as exc:
-                r.problems.extend(exc.problems)
+                text = ref.load().reveal()
             except (OSError, UnicodeDecodeError):
                 pass  # an unreadable key file is reported by secret_ref already
+            else:
+                keys = _fernet_keys(text, where=r.where("encryption_key"), problems=r.problems)
+                store = dataclasses.replace(store, encryption_key=EncryptionKeys(ref, keys))
     if store.timeout <= 0 or store.lease <= 0:
         r.problem("timeout" if store.timeout <= 0 else "lease", "must be positive")
     if store.ca_file:
@@ -794,7 +856,7 @@ def _upstream(r: _Reader, index: int, proxy_env: ProxyEnvironment) -> UpstreamCo
         if getattr(timeouts, key) <= 0:
             t.problem(key, "must be positive")
     # A bad token timeout is reported above, once.
-    auth, auth_type = _auth(r.child("auth"), timeouts.token if timeouts.token > 0 else 10.0)
+    auth, auth_type = _auth(r.child("auth"))
     t.done()
     replay_on: set[int] = set()
     for s in r.str_list("replay_on") if r.has("replay_on") else ["401"]:

@@ -34,7 +34,6 @@ from proxy.errors import (
     NoRoute,
     Overloaded,
     ProxyError,
-    TokenUnavailable,
     UpstreamTimeout,
     UpstreamTLSError,
     UpstreamUnavailable,
@@ -44,6 +43,7 @@ from proxy.errors import (
 from proxy.inbound import InboundGuard
 from proxy.metrics import RouteStats
 from proxy.tokens.manager import TokenManager
+from proxy.tokens.rejected import replacement
 from proxy.tokens.source import SINGLE_KEY
 from proxy.tokens.token import Token
 from proxy.websocket import is_upgrade, proxy_websocket
@@ -501,19 +501,14 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         """The upstream rejected ``token``: drop it if it is still the cached one, and send the
         request once more with a fresh token when the body can be sent again."""
-        manager.invalidate(key, token)
-        if isinstance(body, _Body):
-            replay_body = body.replayable()
-            if replay_body is None:
-                return resp
-        else:
-            replay_body = body
-        try:
-            fresh = await manager.get(key)
-        except TokenUnavailable:
-            return resp  # nothing better to offer than the upstream's own answer
-        if fresh.value == token.value:
+        replay_body = body.replayable() if isinstance(body, _Body) else body
+        if isinstance(body, _Body) and replay_body is None:
+            # No replay, but the next request must not be sent with the rejected token either.
+            manager.invalidate(key, token)
             return resp
+        fresh = await replacement(manager, key, token)
+        if fresh is None:
+            return resp  # nothing better to offer than the upstream's own answer
         resp.release()
         route.stats.replays += 1
         log.info(

@@ -15,7 +15,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.egress import egress_error
-from proxy.errors import TokenUnavailable, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.tokens.rejected import replacement
 from proxy.tokens.token import Token
 
 if TYPE_CHECKING:
@@ -59,12 +60,8 @@ async def proxy_websocket(
         if token is None or exc.status not in route.replay_on or manager is None:
             return _refused(exc.status)
         # The token was rejected on the handshake: the same single replay as for requests.
-        manager.invalidate(key, token)
-        try:
-            fresh = await manager.get(key)
-        except TokenUnavailable:
-            return _refused(exc.status)
-        if fresh.value == token.value:
+        fresh = await replacement(manager, key, token)
+        if fresh is None:
             return _refused(exc.status)
         route.stats.replays += 1
         try:

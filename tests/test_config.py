@@ -28,7 +28,6 @@ from proxy.config import (
     parse_size,
 )
 from proxy.errors import ConfigError
-from proxy.tokens.sources.oauth2 import validate_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "royalti-proxy.example.yaml"
@@ -444,6 +443,27 @@ def test_secret_file_that_is_not_utf8_exits_2(
     assert "upstreams[0].auth.password_file:" in err
 
 
+def test_oauth2_settings_that_cannot_work_are_refused_at_load_with_every_problem_named() -> None:
+    # Moved from the OAuth2 source's tests: the settings are checked at load only.
+    data = with_auth(
+        {
+            **OAUTH2,
+            "token_url": "id.example/token",
+            "client_auth": "basic",
+            "username": "u",
+            "extra_params": {"grant_type": "x"},
+            "extra_headers": {"authorization": "x"},
+            "default_lifetime": 0,
+        }
+    )
+    text = "\n".join(problems_of(data))
+    for key in ("token_url", "client_auth", "extra_params.grant_type"):
+        assert f"upstreams[0].auth.{key}" in text
+    assert "upstreams[0].auth.username, password: the password grant needs both" in text
+    assert "upstreams[0].auth.extra_headers.authorization" in text
+    assert "upstreams[0].auth.default_lifetime" in text
+
+
 def test_zero_token_timeout_for_an_oauth2_upstream_is_refused_by_check_config() -> None:
     data = with_auth({**OAUTH2, "username": "u", "password": "p"})
     data["upstreams"][0]["timeouts"] = {"token": 0}
@@ -706,20 +726,8 @@ def test_example_vbot_upstream_is_valid_once_uncommented(
     if block == "vbot-v2":
         assert isinstance(vbot.auth, OAuth2Auth)
         assert vbot.auth.token_url == "https://open-api.vbot.vn/token"
-        # What the OAuth2 source itself checks when the proxy starts.
-        validate_settings(
-            grant=vbot.auth.grant,
-            token_url=vbot.auth.token_url,
-            client_id=vbot.auth.client_id,
-            client_secret=vbot.auth.client_secret,
-            client_auth=vbot.auth.client_auth,
-            username=vbot.auth.username,
-            password=vbot.auth.password,
-            extra_params=vbot.auth.extra_params,
-            extra_headers=vbot.auth.extra_headers,
-            default_lifetime=vbot.auth.default_lifetime,
-            timeout=vbot.timeouts.token,
-        )
+        # The OAuth2 settings are checked by load() only (the source trusts them): that load()
+        # returned is the check.
     else:
         assert isinstance(vbot.auth, StaticAuth)
         assert (vbot.inject.header, vbot.inject.format) == ("X-API-Key", "{token}")
@@ -854,3 +862,58 @@ def test_check_config_command_accepts_the_example(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("configuration OK")
     assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_loading_oauth2_and_redis_settings_imports_nothing_from_tokens_or_store() -> None:
+    # Validation lives in config alone; the token and store layers import config, never the
+    # other way round (issue 17: the cycle config -> tokens.sources.oauth2 -> config is gone).
+    key = "A" * 43 + "="
+    script = f"""
+import sys
+from proxy.config import build
+data = {{
+    "upstreams": [{{
+        "name": "vbot", "url": "https://open-api.vbot.vn/v2.0", "path_prefix": "/vbot",
+        "auth": {{"type": "oauth2_password", "token_url": "https://open-api.vbot.vn/token",
+                  "username": "u", "password": "p"}},
+    }}],
+    "token_store": {{"type": "redis", "url": "redis://127.0.0.1:6379", "encryption_key": {key!r}}},
+}}
+config = build(data, {{}}, source="test")
+assert config.token_store.encryption_key is not None
+assert len(config.token_store.encryption_key.keys) == 1
+print(sorted(m for m in sys.modules if m.startswith(("proxy.tokens", "proxy.store"))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_an_encryption_key_is_parsed_at_load_and_compared_by_how_it_was_given(
+    tmp_path: Path,
+) -> None:
+    first, second = "A" * 43 + "=", "B" * 43 + "="
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{first}, {second}\n")
+    data = minimal()
+    data["token_store"] = {
+        "type": "redis",
+        "url": "redis://127.0.0.1:6379",
+        "encryption_key_file": str(key_file),
+    }
+    config = build(data, {}, source="test")
+    keys = config.token_store.encryption_key
+    assert keys is not None
+    assert [k.reveal() for k in keys.keys] == [first, second]
+    assert first not in repr(config)
+    # Rewriting the file does not make the store settings differ (a reload keeps the store
+    # either way; it says a restart is needed only when the settings themselves changed).
+    key_file.write_text(second)
+    assert build(data, {}, source="test").token_store == config.token_store

@@ -137,17 +137,11 @@ class RedisStore:
     @classmethod
     def from_config(cls, cfg: TokenStoreConfig, *, clock: Clock) -> RedisStore:
         """The store ``token_store`` describes. Nothing connects yet: a Redis that is down at
-        start-up makes the proxy start degraded, not fail. A bad key is a :class:`ConfigError`."""
+        start-up makes the proxy start degraded, not fail. The key was checked at load."""
         if not cfg.url or cfg.encryption_key is None:
+            # proxy.config.load refuses a redis store without them (and a key that is not one).
             raise ConfigError(["token_store: url and encryption_key are required for redis"])
-        try:
-            text = cfg.encryption_key.load().reveal()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not text"
-            raise ConfigError(
-                [f"token_store.encryption_key_file: cannot read ({reason})"]
-            ) from None
-        sealer = Sealer.from_text(text, where="token_store.encryption_key")
+        sealer = Sealer([key.reveal().encode("ascii") for key in cfg.encryption_key.keys])
         url = urlsplit(cfg.url)
         options: dict[str, Any] = {}
         if cfg.ca_file:

@@ -5,20 +5,18 @@ A sealed value also names the key it was written under, and opening checks it: a
 copied by someone with write access to Redis from one key to another (say from one workspace's
 token to another's) reads as absent, not as a valid token for the wrong key.
 
-The key material is one or more Fernet keys separated by whitespace or commas: the first
-encrypts, all of them decrypt, so keys can be rotated without a flag day (add the new key
-second, roll out, move it first, roll out, remove the old one).
+The key material is one or more Fernet keys, parsed and checked at load
+(:class:`proxy.config.EncryptionKeys`): the first encrypts, all of them decrypt, so keys can be
+rotated without a flag day (add the new key second, roll out, move it first, roll out, remove
+the old one).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-
-from proxy.errors import ConfigError
 
 
 class Sealer:
@@ -26,28 +24,6 @@ class Sealer:
 
     def __init__(self, keys: list[bytes]) -> None:
         self._fernet = MultiFernet([Fernet(k) for k in keys])
-
-    @classmethod
-    def from_text(cls, text: str, *, where: str) -> Sealer:
-        """Keys from a secret's text; a :class:`ConfigError` naming ``where`` when unusable."""
-        parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
-        if not parts:
-            raise ConfigError([f"{where}: is empty"])
-        keys: list[bytes] = []
-        for i, part in enumerate(parts):
-            try:
-                Fernet(part.encode("ascii"))
-            except (ValueError, UnicodeEncodeError):
-                # Never the key itself in the message: only which one is wrong.
-                raise ConfigError(
-                    [
-                        f"{where}: key {i + 1} is not a Fernet key (32 url-safe base64-encoded "
-                        "bytes; make one with `python -c 'from cryptography.fernet import "
-                        "Fernet; print(Fernet.generate_key().decode())'`)"
-                    ]
-                ) from None
-            keys.append(part.encode("ascii"))
-        return cls(keys)
 
     def seal(self, name: str, payload: dict[str, Any]) -> bytes:
         body = json.dumps({"n": name, "p": payload}, separators=(",", ":")).encode()

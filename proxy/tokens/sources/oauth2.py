@@ -11,12 +11,13 @@ import re
 import ssl
 from collections.abc import Mapping
 from typing import Any, Literal
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote_plus
 
 import aiohttp
 
 from proxy.clock import Clock
-from proxy.errors import ConfigError, CredentialRejected, TokenFetchError
+from proxy.config import OAuth2Auth
+from proxy.errors import CredentialRejected, TokenFetchError
 from proxy.secret import Secret
 from proxy.tokens.shared import LOCAL, CredentialHold, CredentialStore
 from proxy.tokens.source import SINGLE_KEY, CredentialStatus, FetchObserver, ignore, observed
@@ -26,16 +27,8 @@ from proxy.tokens.token import SkewNotice, Token, fingerprint, jwt_lifetime, mak
 log = logging.getLogger("proxy.tokens")
 
 Grant = Literal["password", "client_credentials"]
-ClientAuth = Literal["basic", "post", "none"]
 
 WHAT = "oauth2 token endpoint"
-
-# Form fields the source writes itself; extra_params may not override them.
-_RESERVED_PARAMS = frozenset(
-    {"grant_type", "username", "password", "refresh_token", "client_id", "client_secret", "scope"}
-)
-# Headers the source or aiohttp own; extra_headers may not override them.
-_RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
 
 # RFC 6749 §5.2: error codes are limited to %x20-21 / %x23-5B / %x5D-7E. Anything else is not
 # an OAuth2 error code, and is not echoed into our messages.
@@ -82,45 +75,25 @@ class OAuth2Source:
     def __init__(
         self,
         *,
-        grant: Grant,
-        token_url: str,
-        client_id: str | None,
-        client_secret: Secret | None,
-        client_auth: ClientAuth,
-        username: str | None,
-        password: Secret | None,
-        scope: str | None,
-        extra_params: Mapping[str, str],
-        extra_headers: Mapping[str, str],
-        default_lifetime: float,
+        settings: OAuth2Auth,
         timeout: float,
         session: aiohttp.ClientSession,
         clock: Clock,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        validate_settings(
-            grant=grant,
-            token_url=token_url,
-            client_id=client_id,
-            client_secret=client_secret,
-            client_auth=client_auth,
-            username=username,
-            password=password,
-            extra_params=extra_params,
-            extra_headers=extra_headers,
-            default_lifetime=default_lifetime,
-            timeout=timeout,
-        )
+        """``settings`` as :func:`proxy.config.load` validated them: they are not checked again."""
+        grant, client_id, client_secret = settings.grant, settings.client_id, settings.client_secret
+        client_auth, username, password = settings.client_auth, settings.username, settings.password
         self.kind = f"oauth2_{grant}"
         self.grant: Grant = grant
-        self.token_url = token_url
+        self.token_url = settings.token_url
         # Secrets stay wrapped in Secret until the request is built, so that no repr, debugger
         # or crash reporter showing this object's state shows them.
         self._owner: dict[str, str | Secret] = (
             {"username": username, "password": password} if username and password else {}
         )
-        self._scope = scope
-        self._default_lifetime = default_lifetime
+        self._scope = settings.scope
+        self._default_lifetime = settings.default_lifetime
         self._timeout = timeout
         self._session = session
         self._clock = clock
@@ -128,10 +101,10 @@ class OAuth2Source:
         # Scrubbed from anything the issuer echoes back at us.
         self._secrets = tuple(s for s in (client_secret, password) if s)
 
-        headers: dict[str, str | Secret] = dict(extra_headers)
+        headers: dict[str, str | Secret] = dict(settings.extra_headers)
         headers["Accept"] = "application/json"
         headers["Content-Type"] = "application/x-www-form-urlencoded"
-        form: dict[str, str | Secret] = dict(extra_params)
+        form: dict[str, str | Secret] = dict(settings.extra_params)
         if client_auth == "basic" and client_id and client_secret:
             headers["Authorization"] = Secret(_basic(client_id, client_secret.reveal()))
         elif client_auth == "post" and client_id and client_secret:
@@ -397,49 +370,3 @@ def _seconds(value: object) -> float | None:
     else:
         return None
     return seconds if math.isfinite(seconds) else None
-
-
-def validate_settings(
-    *,
-    grant: str,
-    token_url: str,
-    client_id: str | None,
-    client_secret: Secret | None,
-    client_auth: str,
-    username: str | None,
-    password: Secret | None,
-    extra_params: Mapping[str, str],
-    extra_headers: Mapping[str, str],
-    default_lifetime: float,
-    timeout: float,
-) -> None:
-    """Refuse a configuration that cannot work, naming every problem at once
-    (:class:`~proxy.errors.ConfigError`, one line per problem)."""
-    problems: list[str] = []
-    if grant not in ("password", "client_credentials"):
-        problems.append(f"grant: unknown grant {grant!r}")
-    if client_auth not in ("basic", "post", "none"):
-        problems.append(f"client_auth: unknown method {client_auth!r}")
-    if urlsplit(token_url).scheme not in ("http", "https") or not urlsplit(token_url).hostname:
-        problems.append("token_url: must be an absolute http or https URL")
-    if client_auth in ("basic", "post") and not (client_id and client_secret):
-        problems.append(f"client_auth: {client_auth!r} needs client_id and client_secret")
-    if client_auth == "none" and client_secret:
-        problems.append("client_secret: set, but client_auth is 'none'")
-    if grant == "password" and not (username and password):
-        problems.append("username, password: the password grant needs both")
-    # RFC 6749 §4.4: only a confidential client may use the client-credentials grant.
-    if grant == "client_credentials" and client_auth == "none":
-        problems.append("client_auth: the client_credentials grant needs 'basic' or 'post'")
-    for name in sorted(_RESERVED_PARAMS.intersection(extra_params)):
-        problems.append(f"extra_params.{name}: set by the source itself")
-    for name in sorted(extra_headers):
-        lower = name.lower()
-        if lower in _RESERVED_HEADERS or (lower == "authorization" and client_auth == "basic"):
-            problems.append(f"extra_headers.{name}: set by the source itself")
-    if not default_lifetime > 0:
-        problems.append("default_lifetime: must be positive")
-    if not timeout > 0:
-        problems.append("timeout: must be positive")
-    if problems:
-        raise ConfigError(problems)
