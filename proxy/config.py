@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
-import yaml
-
 from proxy.egress import Egress, ProxyEnvironment, ProxySetting, ProxyURL, parse_proxy_url, resolve
 from proxy.errors import ConfigError
 from proxy.secret import Secret
@@ -1059,6 +1057,9 @@ def load(path: str | None, env: Mapping[str, str]) -> Config:
     path = path or env.get("ROYALTI_PROXY_CONFIG") or None
     if path is None:
         return from_environment(env)
+    # Imported here: an environment-only configuration never loads the YAML parser.
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)

@@ -1,0 +1,85 @@
+"""What the process imports: only what its configuration uses (docs/performance.md).
+
+Each check runs in a fresh interpreter, since this test process has imported everything already.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+# Modules a configuration without a shared store (or without a file) must never load.
+ONLY_WHEN_CONFIGURED = ("yaml", "redis", "proxy.store.redis_store", "proxy.store.seal")
+
+
+def loaded_after(script: str) -> list[str]:
+    """Which of ONLY_WHEN_CONFIGURED (and cryptography) ``script`` leaves in sys.modules."""
+    watched = (*ONLY_WHEN_CONFIGURED, "cryptography.fernet")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys\n{script}\nimport json\n"
+            f"print(json.dumps([m for m in {watched!r} if m in sys.modules]))",
+        ],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+UPSTREAM = (
+    "upstreams:\n"
+    "  - {name: royalti, url: 'https://api.royalti.io', path_prefix: /,\n"
+    "     auth: {type: royalti, api_key: k}}\n"
+)
+
+APP_PATH = """
+import proxy.__main__
+from proxy.clock import SystemClock
+from proxy.config import load
+from proxy.store import open_store
+"""
+
+
+def test_an_environment_only_configuration_imports_no_yaml_redis_or_fernet() -> None:
+    script = APP_PATH + (
+        "config = load(None, {'ROYALTI_API_KEY': 'k', 'ROYALTI_WORKSPACE': 'w'})\n"
+        "assert open_store(config.token_store, clock=SystemClock()) is None\n"
+    )
+    assert loaded_after(script) == []
+
+
+def test_a_yaml_configuration_with_the_memory_store_imports_no_redis_or_fernet(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(UPSTREAM)
+    script = APP_PATH + (
+        f"config = load({str(path)!r}, {{}})\n"
+        "assert open_store(config.token_store, clock=SystemClock()) is None\n"
+    )
+    assert loaded_after(script) == ["yaml"]
+
+
+def test_a_redis_store_imports_redis_and_fernet_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    key = "A" * 43 + "="
+    path.write_text(
+        UPSTREAM
+        + f"token_store: {{type: redis, url: 'redis://127.0.0.1:1', encryption_key: '{key}'}}\n"
+    )
+    script = APP_PATH + (
+        f"config = load({str(path)!r}, {{}})\n"
+        "assert open_store(config.token_store, clock=SystemClock()) is not None\n"
+    )
+    assert loaded_after(script) == [*ONLY_WHEN_CONFIGURED, "cryptography.fernet"]
