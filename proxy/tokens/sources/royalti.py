@@ -65,6 +65,8 @@ class RoyaltiSource:
         max_backoff: float = 300.0,
         upstream: str = "royalti",
         rng: random.Random | None = None,
+        observer: FetchObserver = ignore,
+        credential: CredentialStore = LOCAL,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._email = email
@@ -80,9 +82,9 @@ class RoyaltiSource:
         self._upstream = upstream
         self._rng = rng or random.Random()
         self._skew = SkewNotice(upstream)
-        self.observer: FetchObserver = ignore
-        self.credential: CredentialStore = LOCAL
-        """Where the refresh token from logins is kept (set by the wiring, like ``observer``)."""
+        self.observer = observer
+        self.credential = credential
+        """Where the refresh token from logins is kept."""
         self._refresh: Token | None = None
         # The last refresh token held, kept after it is dropped: a replica must not adopt from
         # the shared store the very token it is replacing.
