@@ -29,7 +29,6 @@ from proxy.tokens.shared.credential import (
     CredentialStore,
     LocalCredential,
     SharedCredential,
-    UsesCredential,
     Warmable,
 )
 from proxy.tokens.shared.lease import Shared
@@ -50,7 +49,6 @@ __all__ = [
     "Shared",
     "SharedCredential",
     "SharedSource",
-    "UsesCredential",
     "Warmable",
     "account_of",
     "share",
