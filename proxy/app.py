@@ -44,8 +44,8 @@ from proxy.metrics import ProxyCollector, TokenMetrics, TokenStoreCollector, bui
 from proxy.reload import Reloader
 from proxy.store import open_store
 from proxy.tokens.manager import TokenManager
-from proxy.tokens.shared import account_of, share
-from proxy.tokens.source import SINGLE_KEY, TokenSource
+from proxy.tokens.shared import LOCAL, CredentialStore, account_of, share, shared_credential
+from proxy.tokens.source import SINGLE_KEY, FetchObserver, TokenSource, ignore
 from proxy.tokens.sources.royalti import RoyaltiSource
 from proxy.tokens.sources.static import StaticSource
 
@@ -80,8 +80,13 @@ def build_source(
     clock: Clock,
     tls: ssl.SSLContext,
     config: Config,
+    observer_for: Callable[[str], FetchObserver] = lambda kind: ignore,
+    credential: CredentialStore = LOCAL,
 ) -> TokenSource | None:
-    """The token source an upstream's ``auth`` section describes (None for ``type: none``)."""
+    """The token source an upstream's ``auth`` section describes (None for ``type: none``).
+
+    ``observer_for(kind)`` is told about the source's token-endpoint calls; ``credential`` is
+    where a source with a refresh credential keeps it."""
     auth = up.auth
     if isinstance(auth, RoyaltiAuth):
         if auth.api_key is not None:
@@ -107,6 +112,8 @@ def build_source(
             min_backoff=config.tokens.min_backoff,
             max_backoff=config.tokens.max_backoff,
             upstream=up.name,
+            observer=observer_for(RoyaltiSource.kind),
+            credential=credential,
         )
     if isinstance(auth, StaticAuth):
         ref = auth.token
@@ -117,7 +124,13 @@ def build_source(
         from proxy.tokens.sources.oauth2 import OAuth2Source
 
         return OAuth2Source(
-            settings=auth, timeout=up.timeouts.token, session=session, clock=clock, ssl_context=tls
+            settings=auth,
+            timeout=up.timeouts.token,
+            session=session,
+            clock=clock,
+            ssl_context=tls,
+            observer=observer_for(f"oauth2_{auth.grant}"),
+            credential=credential,
         )
     assert isinstance(auth, NoAuth)
     return None
@@ -307,17 +320,28 @@ class Proxy:
                     cookie_jar=aiohttp.DummyCookieJar(),
                 )
             )
-            source = build_source(
-                up, session=token_session, clock=self.clock, tls=token_tls, config=cfg
-            )
             account = account_of(up) if self.store is not None else None
+            credential: CredentialStore = LOCAL
+            if self.store is not None and account is not None:
+                credential = shared_credential(
+                    store=self.store, upstream=up.name, account=account, clock=self.clock
+                )
+            metrics = self._token_metrics
+            source = build_source(
+                up,
+                session=token_session,
+                clock=self.clock,
+                tls=token_tls,
+                config=cfg,
+                observer_for=lambda kind: metrics.observer(up.name, kind),
+                credential=credential,
+            )
             if source is not None and self.store is not None and account is not None:
                 source = share(
                     source, store=self.store, upstream=up.name, account=account, clock=self.clock
                 )
             manager: TokenManager | None = None
             if source is not None:
-                source.observer = self._token_metrics.observer(up.name, source.kind)
                 manager = TokenManager(
                     upstream=up.name,
                     source=source,

@@ -47,6 +47,7 @@ from proxy.errors import (
     WorkspaceRejected,
 )
 from proxy.tokens.backoff import retry_delay
+from proxy.tokens.singleflight import SingleFlight
 from proxy.tokens.source import TokenSource
 from proxy.tokens.token import Token
 
@@ -71,7 +72,6 @@ class _Entry:
     pinned: bool = False
     token: Token | None = None
     fetched_wall: float | None = None
-    inflight: asyncio.Task[Token] | None = None
     loop: asyncio.Task[None] | None = None
     next_refresh: float | None = None
     failures: int = 0
@@ -157,6 +157,9 @@ class TokenManager:
         self._unknown_suppressed = 0
         self._unknown_log_window = -math.inf
         self._tasks: set[asyncio.Task[Any]] = set()
+        # One fetch per entry (not per key: a forgotten workspace's entry may still be fetching
+        # while a new one for the same key starts), spawned as a task close() cancels.
+        self._flights: SingleFlight[_Entry, Token] = SingleFlight(self._spawn)
         self._closed = False
         # Plain counters, read by the metrics collector at scrape time: nothing on the hot path
         # touches a metric object.
@@ -204,19 +207,16 @@ class TokenManager:
         self.misses += 1
         if entry is None:
             entry = self._new_entry(key, now)
-        if entry.inflight is None:
-            if now < entry.next_attempt:
-                if entry.refused and not entry.pinned:
-                    # Its token has run out and Royalti said the workspace is not (or no
-                    # longer) the user's: the client's problem from now on.
-                    self._forget_workspace(entry, entry.last_error or "", now)
-                    raise self._unknown_error()
-                raise self._unavailable(entry, now)
-            self._start_fetch(entry)
-        assert entry.inflight is not None
+        if self._flights.running(entry) is None and now < entry.next_attempt:
+            if entry.refused and not entry.pinned:
+                # Its token has run out and Royalti said the workspace is not (or no
+                # longer) the user's: the client's problem from now on.
+                self._forget_workspace(entry, entry.last_error or "", now)
+                raise self._unknown_error()
+            raise self._unavailable(entry, now)
         self.waits += 1
         try:
-            return await asyncio.shield(entry.inflight)
+            return await self._flights.join(entry, lambda: self._fetch(entry))
         except TokenFetchError:
             if entry.unknown:
                 raise self._unknown_error() from None
@@ -346,11 +346,7 @@ class TokenManager:
         return task
 
     def _start_fetch(self, entry: _Entry) -> asyncio.Task[Token]:
-        task: asyncio.Task[Token] = self._spawn(self._fetch(entry))
-        entry.inflight = task
-        # Waiters may all have gone (client disconnects): never leave an exception unretrieved.
-        task.add_done_callback(_consume)
-        return task
+        return self._flights.start(entry, lambda: self._fetch(entry))
 
     async def _fetch(self, entry: _Entry) -> Token:
         previous = entry.token
@@ -359,8 +355,6 @@ class TokenManager:
         except TokenFetchError as exc:
             self._failed(entry, exc)
             raise
-        finally:
-            entry.inflight = None
         now = self._clock.monotonic()
         entry.token = token
         entry.fetched_wall = self._clock.wall()
@@ -460,7 +454,7 @@ class TokenManager:
                     },
                 )
                 entry.token = None
-            task = entry.inflight or self._start_fetch(entry)
+            task = self._start_fetch(entry)
             with contextlib.suppress(TokenFetchError):  # _failed has set the next attempt
                 await asyncio.shield(task)
 
@@ -490,7 +484,8 @@ class TokenManager:
             entry.pinned = True
             self._entries.pop(key, None)
             self._pinned[key] = entry
-            if entry.token is None and entry.inflight is None and now >= entry.next_attempt:
+            idle = entry.token is None and self._flights.running(entry) is None
+            if idle and now >= entry.next_attempt:
                 self._start_fetch(entry)
 
     def states(self) -> list[TokenState]:
@@ -523,7 +518,7 @@ class TokenManager:
     def _state(self, e: _Entry, now: float) -> TokenState:
         t = e.token
         valid = t is not None and t.is_valid(now)
-        if e.inflight is not None:
+        if self._flights.running(e) is not None:
             state = "renewing"
         elif valid and e.failures:
             state = "failing"
@@ -551,7 +546,7 @@ class TokenManager:
     async def wait_idle(self) -> None:
         """Wait until no fetch is in flight (for tests and for start-up readiness)."""
         while True:
-            tasks = [e.inflight for e in self._all() if e.inflight is not None]
+            tasks = [t for e in self._all() if (t := self._flights.running(e)) is not None]
             if not tasks:
                 return
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -564,8 +559,3 @@ class TokenManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.source.close()
-
-
-def _consume(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()

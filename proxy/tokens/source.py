@@ -41,9 +41,6 @@ class TokenSource(Protocol):
     #: True when tokens are scoped per workspace and the request must name one.
     per_workspace: bool
 
-    #: Told about every token-endpoint call (set by the wiring; a no-op by default).
-    observer: FetchObserver
-
     async def fetch(self, key: str) -> Token: ...
 
     def credential_status(self) -> CredentialStatus | None:

@@ -17,7 +17,7 @@ them):
   would without a store, and uses the store again once it answers.
 
 Sources with a long-lived credential (Royalti's refresh token, an OAuth2 rotating refresh token)
-keep it through a :class:`CredentialStore` set on their ``credential`` attribute: the renewal of
+keep it through the :class:`CredentialStore` they are constructed with: the renewal of
 the credential runs under its own lease, and a rotating refresh token is marked spent in the
 store (fenced) *before* it is sent, so that no replica can send it a second time, even one whose
 lease expired in the middle of the call.
@@ -29,11 +29,16 @@ from proxy.tokens.shared.credential import (
     CredentialStore,
     LocalCredential,
     SharedCredential,
-    UsesCredential,
     Warmable,
 )
 from proxy.tokens.shared.lease import Shared
-from proxy.tokens.shared.source import OUTCOMES, SharedSource, account_of, share
+from proxy.tokens.shared.source import (
+    OUTCOMES,
+    SharedSource,
+    account_of,
+    share,
+    shared_credential,
+)
 
 __all__ = [
     "LOCAL",
@@ -44,8 +49,8 @@ __all__ = [
     "Shared",
     "SharedCredential",
     "SharedSource",
-    "UsesCredential",
     "Warmable",
     "account_of",
     "share",
+    "shared_credential",
 ]

@@ -56,13 +56,6 @@ class CredentialStore(Protocol):
 
 
 @runtime_checkable
-class UsesCredential(Protocol):
-    """A source whose long-lived credential can be shared."""
-
-    credential: CredentialStore
-
-
-@runtime_checkable
 class Warmable(Protocol):
     """A source that can take a copy of the shared credential without calling anything, so
     that a replica that only ever adopted tokens can still renew alone if the store goes down

@@ -15,9 +15,9 @@ from proxy.config import OAuth2Auth, RoyaltiAuth, UpstreamConfig
 from proxy.errors import TokenFetchError
 from proxy.store.base import SharedStore
 from proxy.store.records import Lease, StoreUnavailable
-from proxy.tokens.shared.credential import SharedCredential, UsesCredential, Warmable
+from proxy.tokens.shared.credential import SharedCredential, Warmable
 from proxy.tokens.shared.lease import Claim, Shared, fenced_off, payload, release, take_lease
-from proxy.tokens.source import CredentialStatus, FetchObserver, TokenSource
+from proxy.tokens.source import CredentialStatus, TokenSource
 from proxy.tokens.token import Token
 
 #: Outcomes of :meth:`SharedSource.fetch`, counted for metrics.
@@ -61,14 +61,6 @@ class SharedSource:
         (called the endpoint, the store did not answer the write), ``local`` (store down)."""
         self._handed: LRUCache[str, str] = LRUCache(maxsize=4096)
         self._warmer = inner if isinstance(inner, Warmable) else None
-
-    @property
-    def observer(self) -> FetchObserver:
-        return self.inner.observer
-
-    @observer.setter
-    def observer(self, value: FetchObserver) -> None:
-        self.inner.observer = value
 
     async def fetch(self, key: str) -> Token:
         names = self.store.names("token", f"{self.scope}:{_key_part(key)}")
@@ -172,8 +164,17 @@ def account_of(up: UpstreamConfig) -> str | None:
 def share(
     source: TokenSource, *, store: SharedStore, upstream: str, account: str, clock: Clock
 ) -> SharedSource:
-    """``source`` with its tokens, and its refresh credential if it has one, in ``store``."""
-    scope = f"{_key_part(upstream)}:{account}"
-    if isinstance(source, UsesCredential):
-        source.credential = SharedCredential(store, store.names("credential", scope), clock)
-    return SharedSource(source, store=store, scope=scope, clock=clock)
+    """``source`` with its tokens in ``store``; its refresh credential, if it has one, was
+    given the :func:`shared_credential` of the same upstream and account when it was made."""
+    return SharedSource(source, store=store, scope=_scope(upstream, account), clock=clock)
+
+
+def shared_credential(
+    *, store: SharedStore, upstream: str, account: str, clock: Clock
+) -> SharedCredential:
+    """Where the refresh credential of ``upstream`` acting as ``account`` is kept in ``store``."""
+    return SharedCredential(store, store.names("credential", _scope(upstream, account)), clock)
+
+
+def _scope(upstream: str, account: str) -> str:
+    return f"{_key_part(upstream)}:{account}"

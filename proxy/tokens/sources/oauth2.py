@@ -80,6 +80,8 @@ class OAuth2Source:
         session: aiohttp.ClientSession,
         clock: Clock,
         ssl_context: ssl.SSLContext | None = None,
+        observer: FetchObserver = ignore,
+        credential: CredentialStore = LOCAL,
     ) -> None:
         """``settings`` as :func:`proxy.config.load` validated them: they are not checked again."""
         grant, client_id, client_secret = settings.grant, settings.client_id, settings.client_secret
@@ -119,14 +121,14 @@ class OAuth2Source:
         # True when the shared store holds (or may hold) _refresh_token: the local copy is then
         # never sent, since another replica may have sent it already.
         self._refresh_shared = False
-        self.credential: CredentialStore = LOCAL
-        """Where the rotating refresh token is kept (set by the wiring, like ``observer``)."""
+        self.credential = credential
+        """Where the rotating refresh token is kept."""
         self._refresh_supported = True
         self._lock = asyncio.Lock()
         self._warned_default_lifetime = False
         self._skew = SkewNotice(self.kind)
         self._last_error: str | None = None
-        self.observer: FetchObserver = ignore
+        self.observer = observer
 
     async def fetch(self, key: str) -> Token:
         if key != SINGLE_KEY:

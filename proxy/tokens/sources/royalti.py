@@ -30,6 +30,7 @@ from proxy.errors import CredentialRejected, RateLimited, TokenFetchError, Works
 from proxy.secret import Secret
 from proxy.tokens.backoff import retry_delay
 from proxy.tokens.shared import LOCAL, CredentialStore, Shared
+from proxy.tokens.singleflight import SingleFlight
 from proxy.tokens.source import CredentialStatus, FetchObserver, ignore, observed
 from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
 from proxy.tokens.token import SkewNotice, Token, jwt_lifetime, make_token
@@ -38,6 +39,8 @@ log = logging.getLogger("proxy.tokens")
 
 #: Warn that a handed-in refresh token is running out once this fraction of its life is gone.
 WARN_FRACTION = 0.8
+#: The one key of the login single-flight: one refresh token per upstream.
+_LOGIN = "login"
 
 
 class RoyaltiSource:
@@ -62,6 +65,8 @@ class RoyaltiSource:
         max_backoff: float = 300.0,
         upstream: str = "royalti",
         rng: random.Random | None = None,
+        observer: FetchObserver = ignore,
+        credential: CredentialStore = LOCAL,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._email = email
@@ -77,16 +82,16 @@ class RoyaltiSource:
         self._upstream = upstream
         self._rng = rng or random.Random()
         self._skew = SkewNotice(upstream)
-        self.observer: FetchObserver = ignore
-        self.credential: CredentialStore = LOCAL
-        """Where the refresh token from logins is kept (set by the wiring, like ``observer``)."""
+        self.observer = observer
+        self.credential = credential
+        """Where the refresh token from logins is kept."""
         self._refresh: Token | None = None
         # The last refresh token held, kept after it is dropped: a replica must not adopt from
         # the shared store the very token it is replacing.
         self._last_refresh: str | None = None
         self._refresh_wall_iat: float | None = None
         self._refresh_renew_at: float | None = None
-        self._login_task: asyncio.Task[Token] | None = None
+        self._logins: SingleFlight[str, Token] = SingleFlight()
         self._renew_task: asyncio.Task[None] | None = None
         self._login_failures = 0
         self._login_not_before = 0.0
@@ -243,7 +248,7 @@ class RoyaltiSource:
 
     async def _login(self) -> Token:
         """One login at a time per upstream; everybody waiting shares its outcome."""
-        if self._login_task is None:
+        if self._logins.running(_LOGIN) is None:
             now = self._clock.monotonic()
             if now < self._login_not_before:
                 raise RateLimited(
@@ -251,9 +256,7 @@ class RoyaltiSource:
                     "login is backing off after a failure",
                     retry_after=self._login_not_before - now,
                 )
-            self._login_task = asyncio.ensure_future(self._do_login())
-            self._login_task.add_done_callback(_consume)
-        return await asyncio.shield(self._login_task)
+        return await self._logins.join(_LOGIN, self._do_login)
 
     async def _do_login(self) -> Token:
         assert self._email is not None and self._password is not None
@@ -292,8 +295,6 @@ class RoyaltiSource:
                 },
             )
             raise
-        finally:
-            self._login_task = None
         self._login_failures = 0
         self._last_error = None
         self._hold(token, adopted=adopted)
@@ -303,7 +304,7 @@ class RoyaltiSource:
         """Take the refresh token another replica logged in for, when the shared store has a
         fresh one, so that this replica can go on renewing by itself should the store go down.
         Never logs in."""
-        if self._refresh is not None or not self.can_login or self._login_task is not None:
+        if self._refresh is not None or not self.can_login or self._logins.running(_LOGIN):
             return
         token = self._adopt(await self.credential.peek())
         if token is not None:
@@ -400,10 +401,10 @@ class RoyaltiSource:
         )
 
     async def close(self) -> None:
-        for task in (self._renew_task, self._login_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._renew_task is not None:
+            self._renew_task.cancel()
+            await asyncio.gather(self._renew_task, return_exceptions=True)
+        await self._logins.close()
 
 
 def _jwt_token(
@@ -440,8 +441,3 @@ def _dig(body: Any, *path: str) -> Any:
             return None
         body = body.get(name)
     return body
-
-
-def _consume(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from proxy.clock import Clock
 from proxy.errors import CredentialRejected
 from proxy.secret import Secret
-from proxy.tokens.source import CredentialStatus, FetchObserver, ignore
+from proxy.tokens.source import CredentialStatus
 from proxy.tokens.token import MAX_LIFETIME, Token
 
 
@@ -37,7 +37,6 @@ class StaticSource:
         if (value is None) == (path is None):
             raise ValueError("exactly one of value and path")
         self.kind = kind
-        self.observer: FetchObserver = ignore  # no token endpoint to observe
         self._value = value
         self._path = path
         self._read = read_file
