@@ -538,18 +538,18 @@ class TokenManager:
             state = "empty"
         # A credential that does not expire shows no expiry and no refresh: a file's re-read
         # schedule is not a refresh, and a made-up expiry would mislead an alert.
-        expires = t is not None and t.expires
+        static = t is not None and not t.expires
         return TokenState(
             key=e.key,
             state=state,
             valid=valid,
             idle_for=round(now - e.last_used, 3),
             fingerprint=t.fingerprint if t else None,
-            expires_in=round(t.remaining(now), 3) if t and expires else None,
-            wall_expires_at=t.wall_expires_at if t and expires else None,
+            expires_in=round(t.remaining(now), 3) if t and not static else None,
+            wall_expires_at=t.wall_expires_at if t and not static else None,
             fetched_wall=e.fetched_wall,
             next_refresh_in=(
-                round(e.next_refresh - now, 3) if expires and e.next_refresh is not None else None
+                None if static or e.next_refresh is None else round(e.next_refresh - now, 3)
             ),
             consecutive_failures=e.failures,
             last_error=e.last_error,
