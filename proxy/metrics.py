@@ -274,10 +274,11 @@ class ProxyCollector(Collector):
             # client's choice, and token_valid 0 would page someone for it).
             known = [s for s in manager.states() if s.state != "unknown_workspace"]
             for label, states in self._bounded(known):
+                # A static credential is valid with no expiry: no expiry series for it.
                 live = [s.wall_expires_at for s in states if s.valid and s.wall_expires_at]
                 if live:
                     expiry.add_metric([name, label], min(live))
-                valid.add_metric([name, label], 1.0 if live else 0.0)
+                valid.add_metric([name, label], 1.0 if any(s.valid for s in states) else 0.0)
                 failures.add_metric([name, label], max(s.consecutive_failures for s in states))
             status = manager.source.credential_status()
             if status is not None and status.wall_expires_at is not None:

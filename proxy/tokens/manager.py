@@ -101,7 +101,7 @@ class TokenState:
     """One key's state, for the token-status endpoint, readiness and metrics. No secret in it."""
 
     key: str
-    state: str  # valid | renewing | failing | expired | empty | unknown_workspace
+    state: str  # valid | static | renewing | failing | expired | empty | unknown_workspace
     valid: bool
     """A token that can be injected now (also while it is being renewed)."""
     idle_for: float
@@ -362,7 +362,8 @@ class TokenManager:
         entry.last_error = None
         entry.refused = False
         entry.next_attempt = 0.0
-        entry.next_refresh = token.refresh_at(self._rng)
+        # A static value never needs renewing: no wake-up is scheduled for it.
+        entry.next_refresh = token.refresh_at(self._rng) if math.isfinite(token.lifetime) else None
         log.info(
             "token renewed" if previous is not None else "token fetched",
             extra={
@@ -370,8 +371,8 @@ class TokenManager:
                 "upstream": self.upstream,
                 "workspace": entry.key,
                 "fingerprint": token.fingerprint,
-                "expires_in": round(token.remaining(now), 1),
-                "expires_at": round(token.wall_expires_at, 3),
+                "expires_in": round(token.remaining(now), 1) if token.expires else None,
+                "expires_at": round(token.wall_expires_at, 3) if token.expires else None,
             },
         )
         entry.wake.set()
@@ -522,22 +523,29 @@ class TokenManager:
             state = "renewing"
         elif valid and e.failures:
             state = "failing"
+        elif valid and t is not None and not t.expires:
+            state = "static"
         elif valid:
             state = "valid"
         elif t is not None or e.failures:
             state = "expired"
         else:
             state = "empty"
+        # A credential that does not expire shows no expiry and no refresh: a file's re-read
+        # schedule is not a refresh, and a made-up expiry would mislead an alert.
+        static = t is not None and not t.expires
         return TokenState(
             key=e.key,
             state=state,
             valid=valid,
             idle_for=round(now - e.last_used, 3),
             fingerprint=t.fingerprint if t else None,
-            expires_in=round(t.remaining(now), 3) if t else None,
-            wall_expires_at=t.wall_expires_at if t else None,
+            expires_in=round(t.remaining(now), 3) if t and not static else None,
+            wall_expires_at=t.wall_expires_at if t and not static else None,
             fetched_wall=e.fetched_wall,
-            next_refresh_in=round(e.next_refresh - now, 3) if e.next_refresh is not None else None,
+            next_refresh_in=(
+                None if static or e.next_refresh is None else round(e.next_refresh - now, 3)
+            ),
             consecutive_failures=e.failures,
             last_error=e.last_error,
             pinned=e.pinned,

@@ -33,6 +33,11 @@ class Token:
     (counting from the request, not the response, absorbs the time the answer took to arrive),
     ``expires_at`` is ``obtained_at`` plus the lifetime the issuer granted minus a safety margin.
     ``wall_expires_at`` is the same instant on this machine's wall clock, for display only.
+
+    ``expires`` is False for a credential that does not expire (a static token, a Royalti API
+    key): its lifetime is then only how long the source wants it kept before it is looked at
+    again (infinite for a value, the poll interval for a file), and /tokens and the metrics
+    show it without an expiry instead of a made-up one.
     """
 
     value: str
@@ -41,6 +46,7 @@ class Token:
     wall_expires_at: float
     fingerprint: str = field(default="")
     expires_at: float = field(default=0.0)
+    expires: bool = field(default=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fingerprint", fingerprint(self.value))

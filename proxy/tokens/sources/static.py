@@ -3,6 +3,7 @@ token, from a value or from a file that is re-read when it changes."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -10,16 +11,17 @@ from proxy.clock import Clock
 from proxy.errors import CredentialRejected
 from proxy.secret import Secret
 from proxy.tokens.source import CredentialStatus
-from proxy.tokens.token import MAX_LIFETIME, Token
+from proxy.tokens.token import Token
 
 
 class StaticSource:
     """Hands out one configured credential.
 
-    A value never expires; it is given the longest lifetime a token can have. A credential from a
-    file is given ``poll_interval`` of life, so the token manager's refresh-ahead re-reads the file
-    about that often: Kubernetes replaces secret files by swapping a symlink, which a stat of the
-    path sees. When the file is unreadable the last value keeps being served until it "expires".
+    Neither expires (``Token.expires`` is False). A value is given an infinite lifetime, so the
+    token manager never renews it. A credential from a file is given ``poll_interval`` of life,
+    so the token manager re-reads the file about that often: Kubernetes replaces secret files by
+    swapping a symlink, which a stat of the path sees. When the file is unreadable the last value
+    keeps being served.
     """
 
     per_workspace = False
@@ -48,9 +50,9 @@ class StaticSource:
         now, wall = self._clock.monotonic(), self._clock.wall()
         if self._path is None:
             assert self._value is not None
-            return Token(self._value.reveal(), now, MAX_LIFETIME, wall + MAX_LIFETIME)
+            return Token(self._value.reveal(), now, math.inf, math.inf, expires=False)
         secret = self._load()
-        return Token(secret.reveal(), now, self._poll, wall + self._poll)
+        return Token(secret.reveal(), now, self._poll, wall + self._poll, expires=False)
 
     def _load(self) -> Secret:
         assert self._path is not None and self._read is not None
