@@ -14,7 +14,7 @@ from proxy.fake_royalti import FakeRoyalti, start_fake
 from proxy.tokens.source import SINGLE_KEY
 from proxy.tokens.token import Token, safety_margin
 from tests.conftest import WS, royalti_config, run_for
-from tests.test_oauth2_source import Wall, make_fake, make_source
+from tests.tokens.test_oauth2_source import Wall, make_fake, make_source
 
 HOUR = 3600.0
 SKEW_EVENT = "issuer_clock_skew"

@@ -16,7 +16,7 @@ from proxy.errors import TokenFetchError
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.rejected import replacement
 from proxy.tokens.token import Token
-from tests.test_manager import ScriptedSource
+from tests.tokens.test_manager import ScriptedSource
 
 
 class SameValueSource(ScriptedSource):
