@@ -1,4 +1,4 @@
-"""The fake Royalti API (:class:`proxy.fake_royalti.FakeRoyalti`) in a process of its own, with a
+"""The fake Royalti API (:class:`proxy.fakes.royalti.FakeRoyalti`) in a process of its own, with a
 second, bench-only listener that reports what the fake saw.
 
     python bench/fake_upstream.py PORT CONTROL_PORT [--access-lifetime S] [--workspaces N]
@@ -29,7 +29,7 @@ import jwt
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from proxy.fake_royalti import DEFAULT_SECRET, FakeRoyalti, start_fake
+from proxy.fakes.royalti import DEFAULT_SECRET, FakeRoyalti, start_fake
 
 WORKSPACES = [f"ws-{i:02d}" for i in range(10)]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from proxy.app import Proxy
 from proxy.config import build
-from proxy.fake_royalti import FakeRoyalti, start_fake
+from proxy.fakes.royalti import FakeRoyalti, start_fake
 
 DEMO_EMAIL = "ops@example.com"
 DEMO_PASSWORD = "correct-horse"

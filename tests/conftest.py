@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.app import Proxy
 from proxy.clock import FakeClock
 from proxy.config import build
-from proxy.fake_royalti import FakeRoyalti, start_fake
+from proxy.fakes.royalti import FakeRoyalti, start_fake
 
 EMAIL = "ops@example.com"
 PASSWORD = "correct-horse"

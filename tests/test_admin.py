@@ -21,7 +21,7 @@ from proxy import __version__
 from proxy.app import Proxy
 from proxy.clock import FakeClock
 from proxy.errors import ERROR_HEADER
-from proxy.fake_royalti import FakeRoyalti
+from proxy.fakes.royalti import FakeRoyalti
 from tests.binaries import require_binary
 from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, royalti_config, run_for
 

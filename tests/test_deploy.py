@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.__main__ import main as royalti_proxy
 from proxy.clock import FakeClock
 from proxy.config import load
-from proxy.fake_royalti import FakeRoyalti, start_fake
+from proxy.fakes.royalti import FakeRoyalti, start_fake
 from tests.binaries import require_binary
 from tests.conftest import EMAIL, PASSWORD, WS, ProxyFactory, free_port, royalti_config, run_for
 

@@ -20,8 +20,8 @@ from aiohttp import web
 
 from proxy.app import Proxy
 from proxy.clock import FakeClock
-from proxy.fake_oauth2 import FakeOAuth2, start_fake_oauth2
-from proxy.fake_royalti import FakeRoyalti
+from proxy.fakes.oauth2 import FakeOAuth2, start_fake_oauth2
+from proxy.fakes.royalti import FakeRoyalti
 from tests.binaries import require_binary
 from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, free_port, royalti_config
 from tests.faults.servers import RawRequest, RawServer

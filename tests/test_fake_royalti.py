@@ -15,7 +15,7 @@ import jwt
 import pytest
 from yarl import URL
 
-from proxy.fake_royalti import DEFAULT_WORKSPACES, FakeRoyalti, csv_bytes, start_fake
+from proxy.fakes.royalti import DEFAULT_WORKSPACES, FakeRoyalti, csv_bytes, start_fake
 
 EMAIL = "ops@example.com"
 PASSWORD = "correct-horse"

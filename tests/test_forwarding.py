@@ -22,7 +22,7 @@ from yarl import URL
 
 from proxy.app import Proxy
 from proxy.errors import ERROR_HEADER
-from proxy.fake_royalti import FakeRoyalti
+from proxy.fakes.royalti import FakeRoyalti
 from tests.conftest import PASSWORD, WS, ProxyFactory, Serve, free_port, royalti_config
 
 STATIC_TOKEN = "t0k3n"

@@ -20,8 +20,8 @@ from proxy import logs
 from proxy.app import Proxy
 from proxy.clock import FakeClock
 from proxy.errors import ERROR_HEADER
-from proxy.fake_oauth2 import FakeOAuth2, start_fake_oauth2
-from proxy.fake_royalti import FakeRoyalti
+from proxy.fakes.oauth2 import FakeOAuth2, start_fake_oauth2
+from proxy.fakes.royalti import FakeRoyalti
 from tests.conftest import PASSWORD, WS, ProxyFactory, royalti_config, run_for
 
 JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")

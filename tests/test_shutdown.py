@@ -24,7 +24,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.fake_royalti import FakeRoyalti, start_fake
+from proxy.fakes.royalti import FakeRoyalti, start_fake
 from tests.conftest import WS, free_port, royalti_config, spawn_proxy
 
 DEADLINE = 30.0

@@ -18,7 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.app import Proxy
-from proxy.fake_royalti import FakeRoyalti, csv_bytes
+from proxy.fakes.royalti import FakeRoyalti, csv_bytes
 from tests.conftest import WS, ProxyFactory, Serve, royalti_config
 
 MiB = 1024 * 1024

@@ -11,7 +11,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy.fake_oauth2 import FakeOAuth2, start_fake_oauth2
+from proxy.fakes.oauth2 import FakeOAuth2, start_fake_oauth2
 from tests.conftest import WS, royalti_config, run_for
 
 USER, PASSWORD = "agent", "p@ss w0rd"

@@ -32,7 +32,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.clock import settle
-from proxy.fake_royalti import FakeRoyalti
+from proxy.fakes.royalti import FakeRoyalti
 
 FAKE_LOGGER = "tests.faults.fake"
 """The logger the suite's own servers report their troubles to: they are not the proxy's."""

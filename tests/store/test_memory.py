@@ -13,7 +13,7 @@ import pytest
 from proxy.app import Proxy
 from proxy.clock import FakeClock
 from proxy.config import build
-from proxy.fake_royalti import FakeRoyalti
+from proxy.fakes.royalti import FakeRoyalti
 from proxy.store.memory import GRACE, MemoryBackend, MemoryStore
 from proxy.store.records import StoreUnavailable
 from proxy.tokens.shared import SharedSource

@@ -34,8 +34,8 @@ from proxy.app import Proxy
 from proxy.clock import FakeClock
 from proxy.config import build
 from proxy.errors import ConfigError
-from proxy.fake_oauth2 import FakeOAuth2, start_fake_oauth2
-from proxy.fake_royalti import FakeRoyalti, start_fake
+from proxy.fakes.oauth2 import FakeOAuth2, start_fake_oauth2
+from proxy.fakes.royalti import FakeRoyalti, start_fake
 from proxy.store.memory import MemoryBackend
 from proxy.tokens.shared import SharedSource
 from tests.binaries import require_binary

@@ -10,7 +10,7 @@ import aiohttp
 import jwt
 import pytest
 
-from proxy.fake_royalti import FakeRoyalti, start_fake
+from proxy.fakes.royalti import FakeRoyalti, start_fake
 from proxy.tokens.source import SINGLE_KEY
 from proxy.tokens.token import Token, safety_margin
 from tests.conftest import WS, royalti_config, run_for

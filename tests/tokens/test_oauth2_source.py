@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.clock import FakeClock
 from proxy.config import OAuth2Auth
 from proxy.errors import CredentialRejected, RateLimited, TokenFetchError
-from proxy.fake_oauth2 import FakeOAuth2, start_fake_oauth2
+from proxy.fakes.oauth2 import FakeOAuth2, start_fake_oauth2
 from proxy.secret import Secret
 from proxy.tokens.source import SINGLE_KEY
 from proxy.tokens.sources.oauth2 import OAuth2Source

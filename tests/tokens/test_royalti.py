@@ -9,7 +9,7 @@ import logging
 import jwt
 import pytest
 
-from proxy.fake_royalti import FakeRoyalti, start_fake
+from proxy.fakes.royalti import FakeRoyalti, start_fake
 from tests.conftest import WS, royalti_config, run_for
 
 
