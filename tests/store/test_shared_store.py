@@ -695,11 +695,17 @@ async def test_five_processes_rotate_one_oauth2_refresh_token_chain_without_reus
             started = time.monotonic()
             statuses = await load(http, five, "/x", 7.0)
             elapsed = time.monotonic() - started
+            # A renewal that a loaded machine delays past the fake's expiry earns a 401 and a
+            # replay, and the replay may renew once more: those are counted, not guessed at.
+            replays = sum(
+                [await r.metric(http, "royalti_proxy_replays_total", upstream="vbot") for r in five]
+            )
         assert set(statuses) == {200}
         assert oauth.calls["password"] == 1
-        # One renewal per round (a token of 3 s, renewed at 75-85 % of 2.7 s), fleet-wide.
+        # One renewal per round (a token of 3 s, renewed at 75-85 % of 2.7 s), fleet-wide, plus
+        # at most one per replayed request.
         rounds = oauth.calls["refresh_token"]
-        assert elapsed / 2.7 - 1 <= rounds <= elapsed / (0.75 * 2.7) + 1
+        assert elapsed / 2.7 - 1 <= rounds <= elapsed / (0.75 * 2.7) + 1 + replays
         assert oauth.reused_refresh_tokens == 0
         sent = [f["refresh_token"] for f in oauth.forms if f.get("grant_type") == "refresh_token"]
         assert len(sent) == len(set(sent))
