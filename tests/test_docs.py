@@ -249,6 +249,14 @@ def test_every_subcommand_is_documented_on_the_command_line() -> None:
     assert [c for c in commands if not re.search(rf"royalti-proxy \[?{c}\b", text)] == []
 
 
+def test_every_make_target_is_documented() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.MULTILINE))
+    assert {"demo", "test", "image"} <= targets
+    text = "\n".join(p.read_text(encoding="utf-8") for p in PAGES)
+    assert {t for t in targets if f"make {t}" not in text} == set()
+
+
 # -- every configuration shown passes check-config ------------------------------------------------
 
 
