@@ -374,7 +374,7 @@ def test_the_client_receives_the_upstreams_headers_minus_hop_by_hop(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="documented limitation (README, Forwarding): "
+    reason="documented limitation (docs/forwarding.md): "
     "proxy/forward.py Forwarder._forward: URL(route.base_url + rest, encoded=True) drops "
     "a bare '?' (yarl), so '/user/?' reaches the upstream as '/user/'",
 )

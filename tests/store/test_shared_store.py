@@ -510,10 +510,10 @@ async def test_a_redis_that_never_answers_costs_a_request_at_most_the_store_time
 
 
 def readme_acl_rule() -> str:
-    """The ``ACL SETUSER`` line the README gives operators."""
-    text = (ROOT / "README.md").read_text()
+    """The ``ACL SETUSER`` line the docs give operators (docs/deployment.md)."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
     match = re.search(r"^ACL SETUSER (royalti-proxy .+)$", text, re.MULTILINE)
-    assert match, "README.md has no ACL SETUSER line"
+    assert match, "docs/deployment.md has no ACL SETUSER line"
     return match.group(1)
 
 
