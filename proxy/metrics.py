@@ -36,7 +36,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.tokens.manager import TokenManager, TokenState
+from proxy.tokens.entry import TokenState
+from proxy.tokens.manager import TokenManager
 from proxy.tokens.shared import OUTCOMES, SharedSource
 
 if TYPE_CHECKING:
