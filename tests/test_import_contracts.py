@@ -151,6 +151,13 @@ INJECTED = [
         "proxy.tokens.sources.static is not allowed to import proxy.tokens.sources.oauth2",
     ),
     (
+        "proxy.tokens.sources.royalti.refresh",
+        "from proxy.tokens.sources.royalti.source import RoyaltiSource",
+        "royalti-source",
+        "proxy.tokens.sources.royalti.refresh is not allowed to import "
+        "proxy.tokens.sources.royalti.source",
+    ),
+    (
         "proxy.store.memory",
         "from proxy.store import redis_store",
         "store",
@@ -182,6 +189,7 @@ def test_an_import_against_a_contract_breaks_it(
         ("proxy.tokens", "tokens"),
         ("proxy.tokens.shared", "shared-tokens"),
         ("proxy.tokens.sources", "token-sources"),
+        ("proxy.tokens.sources.royalti", "royalti-source"),
         ("proxy.store", "store"),
     ],
 )
