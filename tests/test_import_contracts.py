@@ -219,3 +219,21 @@ def test_every_module_of_the_proxy_has_a_place_in_the_contracts() -> None:
     whole = ("proxy.config", "proxy.fakes")
     inside = {p for p in packages if not any(p == w or p.startswith(f"{w}.") for w in whole)}
     assert inside <= exhaustive, sorted(inside - exhaustive)
+
+
+def top_level_modules() -> set[str]:
+    """``proxy.X`` for every module and package directly under ``proxy/``."""
+    names = {p.stem for p in (ROOT / "proxy").glob("*.py") if p.stem != "__init__"}
+    names |= {p.parent.name for p in (ROOT / "proxy").glob("*/__init__.py")}
+    return {f"proxy.{name}" for name in names}
+
+
+def test_the_fakes_contracts_name_every_module_of_the_product() -> None:
+    """A module added to the product is kept from the fakes, and the fakes from it, only when
+    the forbidden contracts name it: they must name them all."""
+    outside = {"proxy.__main__", "proxy.demo", "proxy.fakes"}
+    product = top_level_modules() - outside
+    assert set(contracts()["no-fakes-in-product"]["source_modules"]) == product
+    assert set(contracts()["fakes-stand-alone"]["forbidden_modules"]) == (
+        top_level_modules() - {"proxy.fakes"}
+    )
