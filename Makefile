@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check proxy tests bench deploy
 	$(PY) -m ruff format --check proxy tests bench deploy
 	$(PY) -m mypy proxy
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 format: $(STAMP)
 	$(PY) -m ruff format proxy tests bench deploy

@@ -2,8 +2,9 @@
 
 :class:`Proxy` owns every resource (the shared store, each upstream's client sessions and token
 manager, the listeners, the file watcher) through one ``AsyncExitStack``: a start-up that fails
-half-way releases what it had already opened, and stopping is one ``aclose``. Reload lives in
-:mod:`proxy.reload`, the ``/tokens`` document in :mod:`proxy.admin`.
+half-way releases what it had already opened, and stopping is one ``aclose``. Opening one
+upstream lives in :mod:`proxy.upstreams`, reload in :mod:`proxy.reload`, the ``/tokens`` document
+in :mod:`proxy.admin`.
 """
 
 from __future__ import annotations
@@ -13,41 +14,24 @@ import contextlib
 import gc
 import logging
 import os
-import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy import readtimeout
 from proxy.admin import build_admin
 from proxy.clock import Clock, SystemClock
-from proxy.config import (
-    Address,
-    Config,
-    NoAuth,
-    OAuth2Auth,
-    RoyaltiAuth,
-    StaticAuth,
-    TLSSettings,
-    UpstreamConfig,
-    read_secret_file,
-)
-from proxy.egress import client_session
-from proxy.forward import ExactHeadersRequest, Forwarder, Route, Router, fresh_session
+from proxy.config import Address, Config, UpstreamConfig
+from proxy.forward import Forwarder, Route, Router
 from proxy.inbound import GuardedServer, InboundGuard
 from proxy.metrics import ProxyCollector, TokenMetrics, TokenStoreCollector, build_info
 from proxy.reload import Reloader
 from proxy.store import open_store
 from proxy.tokens.manager import TokenManager
-from proxy.tokens.shared import LOCAL, CredentialStore, account_of, share, shared_credential
-from proxy.tokens.source import SINGLE_KEY, FetchObserver, TokenSource, ignore
-from proxy.tokens.sources.royalti import RoyaltiSource
-from proxy.tokens.sources.static import StaticSource
+from proxy.tokens.source import SINGLE_KEY
+from proxy.upstreams import Upstream, close_upstreams, open_upstream
 
 if TYPE_CHECKING:
     from proxy.store.base import SharedStore
@@ -57,93 +41,6 @@ log = logging.getLogger("proxy")
 #: burst of 1,000 new connections overflows the queue and the dropped ones retry only after
 #: the 1 s SYN retransmission (cold start: p99 1.3 s, not 0.9 s). Capped by net.core.somaxconn.
 LISTEN_BACKLOG = 1024
-
-
-def ssl_context(tls: TLSSettings, *, extra_ca: str | None = None) -> ssl.SSLContext:
-    """The TLS settings of one upstream: verification on unless switched off explicitly.
-    ``extra_ca`` is trusted too: the CA of an egress proxy that intercepts TLS."""
-    ctx = ssl.create_default_context(cafile=tls.ca_file)
-    if extra_ca:
-        ctx.load_verify_locations(cafile=extra_ca)
-    if tls.cert_file:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    if not tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def build_source(
-    up: UpstreamConfig,
-    *,
-    session: aiohttp.ClientSession,
-    clock: Clock,
-    tls: ssl.SSLContext,
-    config: Config,
-    observer_for: Callable[[str], FetchObserver] = lambda kind: ignore,
-    credential: CredentialStore = LOCAL,
-) -> TokenSource | None:
-    """The token source an upstream's ``auth`` section describes (None for ``type: none``).
-
-    ``observer_for(kind)`` is told about the source's token-endpoint calls; ``credential`` is
-    where a source with a refresh credential keeps it."""
-    auth = up.auth
-    if isinstance(auth, RoyaltiAuth):
-        if auth.api_key is not None:
-            ref = auth.api_key
-            return StaticSource(
-                kind="api_key",
-                value=ref.value,
-                path=ref.path,
-                read_file=read_secret_file,
-                clock=clock,
-            )
-        refresh = auth.refresh_token
-        return RoyaltiSource(
-            base_url=auth.auth_url or up.url,
-            email=auth.email,
-            password=auth.password,
-            refresh_token=refresh.load if refresh is not None else None,
-            user_id=auth.user_id,
-            session=session,
-            clock=clock,
-            timeout=up.timeouts.token,
-            ssl_context=tls,
-            min_backoff=config.tokens.min_backoff,
-            max_backoff=config.tokens.max_backoff,
-            upstream=up.name,
-            observer=observer_for(RoyaltiSource.kind),
-            credential=credential,
-        )
-    if isinstance(auth, StaticAuth):
-        ref = auth.token
-        return StaticSource(
-            kind="static", value=ref.value, path=ref.path, read_file=read_secret_file, clock=clock
-        )
-    if isinstance(auth, OAuth2Auth):
-        from proxy.tokens.sources.oauth2 import OAuth2Source
-
-        return OAuth2Source(
-            settings=auth,
-            timeout=up.timeouts.token,
-            session=session,
-            clock=clock,
-            ssl_context=tls,
-            observer=observer_for(f"oauth2_{auth.grant}"),
-            credential=credential,
-        )
-    assert isinstance(auth, NoAuth)
-    return None
-
-
-@dataclass(slots=True, eq=False)
-class _Upstream:
-    """One upstream's resources, closed together when the upstream is replaced or removed."""
-
-    config: UpstreamConfig
-    route: Route
-    manager: TokenManager | None
-    stack: contextlib.AsyncExitStack
 
 
 class Proxy:
@@ -175,7 +72,7 @@ class Proxy:
         """Set when ``POST /quitquitquit`` asks the process to exit."""
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.BaseRunner | None = None
-        self._upstreams: dict[str, _Upstream] = {}
+        self._upstreams: dict[str, Upstream] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._reloader = Reloader(self, source=reload_source, clock=self.clock)
         self._given_store = store
@@ -214,7 +111,7 @@ class Proxy:
             await self.store.ping()  # a store that is down at start-up is logged, not fatal
         self._stack.push_async_callback(self._close_upstreams)
         for up in cfg.upstreams:
-            self._upstreams[up.name] = await self._open_upstream(up, cfg)
+            self._upstreams[up.name] = await self._open(up, cfg)
         self._install()
         admin = web.AppRunner(
             build_admin(self), handle_signals=False, access_log=None, shutdown_timeout=5.0
@@ -283,110 +180,10 @@ class Proxy:
 
     # -- upstreams ----------------------------------------------------------------------------
 
-    async def _open_upstream(self, up: UpstreamConfig, cfg: Config) -> _Upstream:
-        """Everything one upstream needs: its connection pools, token source and manager."""
-        stack = contextlib.AsyncExitStack()
-        try:
-            tls = ssl_context(up.tls, extra_ca=up.egress.ca_file)
-            token_setting = up.token_egress or up.egress
-            token_tls = (
-                tls
-                if token_setting.ca_file == up.egress.ca_file
-                else ssl_context(up.tls, extra_ca=token_setting.ca_file)
-            )
-            connector = aiohttp.TCPConnector(
-                limit=up.max_connections, ssl=tls, keepalive_timeout=up.keepalive_timeout
-            )
-            readtimeout.install(connector)  # timeouts.read without a timer per chunk
-            session = await stack.enter_async_context(
-                # The egress proxy, resolved at load, is the session's default for every
-                # request and WebSocket handshake.
-                client_session(
-                    up.proxy,
-                    connector=connector,
-                    auto_decompress=False,  # bytes pass through as the upstream sent them
-                    request_class=ExactHeadersRequest,  # headers as the client sent them
-                    # Never keep one client's cookies to send them with another's requests.
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                )
-            )
-            fresh = await stack.enter_async_context(
-                fresh_session(limit=up.max_connections, tls=tls, egress=up.proxy)
-            )
-            token_session = await stack.enter_async_context(
-                client_session(
-                    up.token_proxy,
-                    connector=aiohttp.TCPConnector(limit=10, ssl=token_tls),
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                )
-            )
-            account = account_of(up) if self.store is not None else None
-            credential: CredentialStore = LOCAL
-            if self.store is not None and account is not None:
-                credential = shared_credential(
-                    store=self.store, upstream=up.name, account=account, clock=self.clock
-                )
-            metrics = self._token_metrics
-            source = build_source(
-                up,
-                session=token_session,
-                clock=self.clock,
-                tls=token_tls,
-                config=cfg,
-                observer_for=lambda kind: metrics.observer(up.name, kind),
-                credential=credential,
-            )
-            if source is not None and self.store is not None and account is not None:
-                source = share(
-                    source, store=self.store, upstream=up.name, account=account, clock=self.clock
-                )
-            manager: TokenManager | None = None
-            if source is not None:
-                manager = TokenManager(
-                    upstream=up.name,
-                    source=source,
-                    clock=self.clock,
-                    settings=cfg.tokens,
-                )
-                stack.push_async_callback(manager.close)
-        except BaseException:
-            await stack.aclose()
-            raise
-        ra = up.auth if isinstance(up.auth, RoyaltiAuth) else None
-        per_ws = source is not None and source.per_workspace
-        route = Route(
-            name=up.name,
-            prefix=up.path_prefix.rstrip("/"),
-            base_url=up.url,
-            session=session,
-            fresh_session=fresh,
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=up.timeouts.connect, sock_read=up.timeouts.read
-            ),
-            manager=manager,
-            per_workspace=per_ws,
-            default_workspace=ra.default_workspace if ra else None,
-            allowed_workspaces=ra.allowed_workspaces if ra else frozenset(),
-            # Removed before forwarding even when the credential ignores it (an API key).
-            workspace_header=ra.workspace_header if ra else None,
-            inject_header=up.inject.header,
-            inject_format=up.inject.format,
-            replay_on=up.replay_on,
-            replay_max_body=up.replay_max_body,
-            max_concurrent=up.max_concurrent,
-            max_body_size=up.max_body_size,
-            egress_proxy=up.proxy.url if up.proxy is not None else None,
-            also_drop=frozenset({cfg.inbound.shared_secret_header})
-            if cfg.inbound.shared_secret is not None
-            else frozenset(),
+    async def _open(self, up: UpstreamConfig, cfg: Config) -> Upstream:
+        return await open_upstream(
+            up, cfg, clock=self.clock, store=self.store, metrics=self._token_metrics
         )
-        if manager is not None:
-            # Fetched now, so that readiness never waits for traffic.
-            if per_ws and route.default_workspace:
-                manager.pin([route.default_workspace])
-            elif not per_ws:
-                manager.pin([SINGLE_KEY])
-        return _Upstream(config=up, route=route, manager=manager, stack=stack)
 
     def _install(self) -> None:
         """Make the current upstreams the ones requests are routed to."""
@@ -417,9 +214,9 @@ class Proxy:
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        await _close(list(self._upstreams.values()))
+        await close_upstreams(list(self._upstreams.values()))
 
-    async def _retire(self, ups: list[_Upstream]) -> None:
+    async def _retire(self, ups: list[Upstream]) -> None:
         """Close replaced upstreams once the requests they are serving have finished."""
         # Real time, not the injectable clock: this waits for real requests to finish. Polling
         # keeps the per-request path free of an Event to set.
@@ -428,7 +225,7 @@ class Proxy:
             while any(u.route.in_flight for u in ups) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         finally:  # at shutdown too, when this wait is cancelled
-            await _close(ups)
+            await close_upstreams(ups)
 
     # -- reload -------------------------------------------------------------------------------
 
@@ -449,13 +246,13 @@ class Proxy:
             and self._upstreams[u.name].config == u
             and old.tokens == config.tokens
         }
-        fresh: dict[str, _Upstream] = {}
+        fresh: dict[str, Upstream] = {}
         try:
             for up in config.upstreams:
                 if up.name not in keep:
-                    fresh[up.name] = await self._open_upstream(up, config)
+                    fresh[up.name] = await self._open(up, config)
         except Exception as exc:
-            await _close(list(fresh.values()))
+            await close_upstreams(list(fresh.values()))
             log.error(
                 "new configuration could not be applied; keeping the running one",
                 extra={"event": "reload_rejected", "error": str(exc)},
@@ -516,11 +313,6 @@ class Proxy:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-async def _close(ups: list[_Upstream]) -> None:
-    for up in ups:
-        await up.stack.aclose()
 
 
 async def _listen(runner: web.BaseRunner, addr: Address) -> str:

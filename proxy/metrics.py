@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import platform
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,11 +36,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.tokens.manager import TokenManager, TokenState
+from proxy.tokens.entry import TokenState
+from proxy.tokens.manager import TokenManager
 from proxy.tokens.shared import OUTCOMES, SharedSource
 
 if TYPE_CHECKING:
-    from proxy.forward import Forwarder, Route
     from proxy.store.base import SharedStore
 
 PREFIX = "royalti_proxy"
@@ -106,6 +106,29 @@ class RouteStats:
         self.requests[key] = self.requests.get(key, 0) + 1
 
 
+class RouteCounters(Protocol):
+    """What :class:`ProxyCollector` reads of one upstream's route (:class:`proxy.forward.Route`):
+    its name and its counters. A protocol, so that metrics never imports the forwarder that
+    updates them."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> RouteStats: ...
+
+
+class ListenerCounters(Protocol):
+    """What :class:`ProxyCollector` reads of the proxy listener's request handler
+    (:class:`proxy.forward.Forwarder`): requests in flight and the errors it answered, by code."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def errors(self) -> Mapping[str, int]: ...
+
+
 class TokenMetrics:
     """The token-endpoint metrics; :meth:`observer` gives the callback a source reports to."""
 
@@ -156,8 +179,8 @@ class ProxyCollector(Collector):
     def __init__(
         self,
         *,
-        forwarder: Callable[[], Forwarder | None],
-        routes: Callable[[], Iterable[Route]],
+        forwarder: Callable[[], ListenerCounters | None],
+        routes: Callable[[], Iterable[RouteCounters]],
         managers: Callable[[], dict[str, TokenManager]],
         ready: Callable[[], bool],
         max_workspaces: int = 20,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -20,7 +20,8 @@ from proxy.tokens.rejected import replacement
 from proxy.tokens.token import Token
 
 if TYPE_CHECKING:
-    from proxy.forward import Route
+    from proxy.metrics import RouteStats
+    from proxy.tokens.manager import TokenManager
 
 log = logging.getLogger("proxy.forward")
 
@@ -35,13 +36,41 @@ _HANDSHAKE = frozenset(
 )
 
 
+class UpgradeRoute(Protocol):
+    """What an upgrade needs of its upstream's route (:class:`proxy.forward.Route`). A protocol,
+    so that this module never imports the forwarder that calls it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+    @property
+    def manager(self) -> TokenManager | None: ...
+
+    @property
+    def inject_header(self) -> str: ...
+
+    @property
+    def replay_on(self) -> frozenset[int]: ...
+
+    @property
+    def egress_proxy(self) -> str | None: ...
+
+    @property
+    def stats(self) -> RouteStats: ...
+
+    def credential(self, token: Token) -> str: ...
+
+
 def is_upgrade(request: web.BaseRequest) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket"
 
 
 async def proxy_websocket(
     request: web.BaseRequest,
-    route: Route,
+    route: UpgradeRoute,
     key: str,
     headers: CIMultiDict[str],
     url: URL,
@@ -79,7 +108,7 @@ async def proxy_websocket(
 
 
 async def _connect(
-    route: Route,
+    route: UpgradeRoute,
     url: URL,
     headers: CIMultiDict[str],
     protocols: tuple[str, ...],

@@ -26,9 +26,10 @@ from proxy.errors import (
     UnknownWorkspace,
     WorkspaceRejected,
 )
-from proxy.tokens.manager import MAX_WORKSPACE_LENGTH, UNKNOWN_LOG_BURST, TokenManager
+from proxy.tokens.manager import TokenManager
 from proxy.tokens.source import CredentialStatus
 from proxy.tokens.token import Token
+from proxy.tokens.unknown import MAX_WORKSPACE_LENGTH, UNKNOWN_LOG_BURST
 from tests.conftest import WS, royalti_config, run_for
 
 INTERVAL = 300.0  # TokenSettings.max_backoff

@@ -1,18 +1,7 @@
-"""Royalti's three-tier credential chain (``../shared/UPSTREAMS.md``).
-
-email + password --POST /auth/login--> refresh token (24 h JWT)
-refresh token --GET /auth/authtoken?currentWorkspace=W--> access token for W (6 h JWT)
-
-The refresh token is this source's own long-lived credential: one per upstream, obtained by at
-most one login at a time, renewed by logging in again at about 80 % of its life, and replaced at
-once (by one login, not a loop) when ``/auth/authtoken`` answers 401 because it was revoked.
-A refresh token handed in by an operator cannot be renewed: as it nears expiry we say so loudly.
-Login is rate limited (20 calls per 3 minutes per IP): failed logins back off, honour
-``Retry-After``, and every workspace waiting on a login shares the one attempt. With a shared
-token store (``credential``, see :mod:`proxy.tokens.shared`) every replica shares it too: a login
-runs under the store's lease, and a refresh token another replica just obtained is adopted
-instead of logging in again.
-"""
+"""The refresh token of one Royalti upstream (see :mod:`proxy.tokens.sources.royalti`): obtained
+by at most one login at a time, renewed by logging in again ahead of its expiry, shared with the
+other replicas through ``credential``; or handed in by an operator, when it cannot be renewed and
+we warn as it nears expiry."""
 
 from __future__ import annotations
 
@@ -21,19 +10,19 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 
 from proxy.clock import Clock
-from proxy.errors import CredentialRejected, RateLimited, TokenFetchError, WorkspaceRejected
+from proxy.errors import CredentialRejected, RateLimited, TokenFetchError
 from proxy.secret import Secret
 from proxy.tokens.backoff import retry_delay
-from proxy.tokens.shared import LOCAL, CredentialStore, Shared
+from proxy.tokens.shared import CredentialStore, Shared
 from proxy.tokens.singleflight import SingleFlight
-from proxy.tokens.source import CredentialStatus, FetchObserver, ignore, observed
-from proxy.tokens.sources.http import JsonResponse, call_token_endpoint, status_error
-from proxy.tokens.token import SkewNotice, Token, jwt_lifetime, make_token
+from proxy.tokens.source import CredentialStatus, FetchObserver, observed
+from proxy.tokens.sources.http import call_token_endpoint, status_error
+from proxy.tokens.sources.royalti.answers import dig, jwt_token
+from proxy.tokens.token import SkewNotice, Token
 
 log = logging.getLogger("proxy.tokens")
 
@@ -43,11 +32,8 @@ WARN_FRACTION = 0.8
 _LOGIN = "login"
 
 
-class RoyaltiSource:
-    """Per-workspace access tokens from Royalti, by login or from a handed-in refresh token."""
-
-    per_workspace = True
-    kind = "royalti"
+class RefreshTokens:
+    """Holds, obtains and renews one upstream's refresh token."""
 
     def __init__(
         self,
@@ -56,23 +42,22 @@ class RoyaltiSource:
         email: str | None,
         password: Secret | None,
         refresh_token: Callable[[], Secret | None] | None,
-        user_id: str | None,
         session: aiohttp.ClientSession,
         clock: Clock,
-        timeout: float = 10.0,
-        ssl_context: ssl.SSLContext | None = None,
-        min_backoff: float = 1.0,
-        max_backoff: float = 300.0,
-        upstream: str = "royalti",
-        rng: random.Random | None = None,
-        observer: FetchObserver = ignore,
-        credential: CredentialStore = LOCAL,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None,
+        min_backoff: float,
+        max_backoff: float,
+        upstream: str,
+        rng: random.Random,
+        skew: SkewNotice,
+        observer: FetchObserver,
+        credential: CredentialStore,
     ) -> None:
-        self._base = base_url.rstrip("/")
+        self._base = base_url
         self._email = email
         self._password = password
         self._handed_in = refresh_token
-        self._user_id = user_id
         self._session = session
         self._clock = clock
         self._timeout = timeout
@@ -80,8 +65,8 @@ class RoyaltiSource:
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._upstream = upstream
-        self._rng = rng or random.Random()
-        self._skew = SkewNotice(upstream)
+        self._rng = rng
+        self._skew = skew
         self.observer = observer
         self.credential = credential
         """Where the refresh token from logins is kept."""
@@ -89,14 +74,12 @@ class RoyaltiSource:
         # The last refresh token held, kept after it is dropped: a replica must not adopt from
         # the shared store the very token it is replacing.
         self._last_refresh: str | None = None
-        self._refresh_wall_iat: float | None = None
         self._refresh_renew_at: float | None = None
         self._logins: SingleFlight[str, Token] = SingleFlight()
         self._renew_task: asyncio.Task[None] | None = None
         self._login_failures = 0
         self._login_not_before = 0.0
         self._last_error: str | None = None
-        self._warned_expiry_for: str | None = None
         self.workspaces: dict[str, str] = {}
         """Workspace id -> name, from the last login."""
 
@@ -104,72 +87,9 @@ class RoyaltiSource:
     def can_login(self) -> bool:
         return self._email is not None and self._password is not None
 
-    # -- access tokens ------------------------------------------------------------------------
-
-    async def fetch(self, key: str) -> Token:
-        refresh = await self._current_refresh()
-        try:
-            return await observed(self.observer, "access", self._access(refresh, key))
-        except CredentialRejected as exc:
-            if exc.code != "REFRESH_TOKEN_REJECTED" or not self.can_login:
-                raise
-        # The refresh token was revoked (or expired early): one new login, then one retry.
-        self._drop_refresh(refresh)
-        refresh = await self._current_refresh()
-        return await observed(self.observer, "access", self._access(refresh, key))
-
-    async def _access(self, refresh: Token, workspace: str) -> Token:
-        resp, requested_at, wall_at = await self._authtoken(refresh, workspace)
-        return self._access_token(resp, workspace, requested_at, wall_at)
-
-    async def _authtoken(self, refresh: Token, workspace: str) -> tuple[JsonResponse, float, float]:
-        params = {"currentWorkspace": workspace}
-        if self._user_id:
-            params["userId"] = self._user_id
-        requested_at, wall_at = self._clock.monotonic(), self._clock.wall()
-        resp = await call_token_endpoint(
-            self._session,
-            "GET",
-            f"{self._base}/auth/authtoken",
-            headers={"Authorization": f"Bearer {refresh.value}", "Accept": "application/json"},
-            params=params,
-            timeout=self._timeout,
-            ssl_context=self._ssl,
-        )
-        return resp, requested_at, wall_at
-
-    def _access_token(
-        self, resp: JsonResponse, workspace: str, requested_at: float, wall_at: float
-    ) -> Token:
-        if resp.status == 401:
-            raise CredentialRejected("REFRESH_TOKEN_REJECTED", "authtoken answered 401")
-        if resp.status == 404:
-            # UPSTREAMS.md: 404 is "unknown workspace", also the answer for one that is not
-            # the user's. Which workspace is the manager's business (it may be a client's typo).
-            raise WorkspaceRejected("WORKSPACE_NOT_FOUND", "authtoken answered 404 for workspace")
-        if resp.status in (400, 422):
-            # The only thing a request to authtoken varies is currentWorkspace: a validation
-            # error is about it (a malformed id, say), just as final as a 404.
-            raise WorkspaceRejected(
-                "WORKSPACE_INVALID", f"authtoken answered {resp.status} for workspace"
-            )
-        if resp.status != 200:
-            raise status_error(resp, "authtoken")
-        value = _dig(resp.body, "data", "access_token")
-        if not isinstance(value, str) or not value:
-            raise TokenFetchError("BAD_RESPONSE", "authtoken response has no data.access_token")
-        return _jwt_token(
-            value,
-            reference_time=resp.server_time,
-            requested_at=requested_at,
-            wall_requested_at=wall_at,
-            what="royalti access token",
-            skew=self._skew,
-        )
-
-    # -- the refresh token --------------------------------------------------------------------
-
-    async def _current_refresh(self) -> Token:
+    async def current(self) -> Token:
+        """The refresh token to ask for access tokens with: the one held while it is valid, else
+        the handed-in one, else one from a login (shared by everybody waiting for it)."""
         now = self._clock.monotonic()
         token = self._refresh
         if token is not None and token.is_valid(now):
@@ -180,7 +100,8 @@ class RoyaltiSource:
             return self._load_handed_in()
         return await self._login()
 
-    def _drop_refresh(self, token: Token) -> None:
+    def drop(self, token: Token) -> None:
+        """Forget ``token`` (authtoken rejected it), unless it was replaced already."""
         if self._refresh is not None and self._refresh.value == token.value:
             log.warning(
                 "refresh token rejected; logging in again",
@@ -211,7 +132,7 @@ class RoyaltiSource:
             # Handed in some time after it was issued: what is left is exp minus now, on our
             # clock (the only reference we have), never more than its whole lifetime.
             now = self._clock.wall()
-            token = _jwt_token(
+            token = jwt_token(
                 value,
                 reference_time=now,
                 requested_at=self._clock.monotonic(),
@@ -352,10 +273,10 @@ class RoyaltiSource:
             raise CredentialRejected("LOGIN_REJECTED", f"login answered {resp.status}")
         if resp.status != 200:
             raise status_error(resp, "login")
-        value = _dig(resp.body, "refresh_token")
+        value = dig(resp.body, "refresh_token")
         if not isinstance(value, str) or not value:
             raise TokenFetchError("BAD_RESPONSE", "login response has no refresh_token")
-        workspaces = _dig(resp.body, "workspaces")
+        workspaces = dig(resp.body, "workspaces")
         if isinstance(workspaces, list):
             # Samples name the id field either workspaceId or id.
             self.workspaces = {
@@ -363,7 +284,7 @@ class RoyaltiSource:
                 for w in workspaces
                 if isinstance(w, dict) and (w.get("workspaceId") or w.get("id"))
             }
-        return _jwt_token(
+        return jwt_token(
             value,
             reference_time=resp.server_time,
             requested_at=requested_at,
@@ -390,7 +311,7 @@ class RoyaltiSource:
 
     # -- status and shutdown ------------------------------------------------------------------
 
-    def credential_status(self) -> CredentialStatus | None:
+    def status(self) -> CredentialStatus:
         token = self._refresh
         return CredentialStatus(
             kind="refresh_token",
@@ -405,39 +326,3 @@ class RoyaltiSource:
             self._renew_task.cancel()
             await asyncio.gather(self._renew_task, return_exceptions=True)
         await self._logins.close()
-
-
-def _jwt_token(
-    value: str,
-    *,
-    reference_time: float | None,
-    requested_at: float,
-    wall_requested_at: float,
-    what: str,
-    fresh: bool = True,
-    skew: SkewNotice | None = None,
-) -> Token:
-    """A Royalti JWT as a :class:`Token`. ``reference_time`` is the answer's ``Date`` header
-    for a ``fresh`` token, or our clock for a token handed in (see :func:`jwt_lifetime`)."""
-    lifetime, _ = jwt_lifetime(
-        value,
-        server_time=reference_time,
-        local_wall=wall_requested_at,
-        fresh=fresh,
-        skew=skew,
-    )
-    return make_token(
-        value,
-        lifetime=lifetime,
-        requested_at=requested_at,
-        wall_requested_at=wall_requested_at,
-        what=what,
-    )
-
-
-def _dig(body: Any, *path: str) -> Any:
-    for name in path:
-        if not isinstance(body, dict):
-            return None
-        body = body.get(name)
-    return body
