@@ -65,6 +65,10 @@ class Checks:
         """Whether the file gives ``key`` a value (an empty string is none)."""
         return self.data.get(key) not in (None, "")
 
+    def present(self, key: str) -> bool:
+        """Whether the file has ``key`` at all (``null`` is absent; an empty string is not)."""
+        return self.data.get(key) is not None
+
 
 def read(
     cls: type[T],
@@ -166,14 +170,14 @@ def _field(spec: Spec, c: Checks, when: str) -> Any:
     if "variants" in extra:
         return _variant(spec, c)
     if spec.is_struct:
-        if spec.optional and not c.given(name):
+        if spec.optional and not c.present(name):
             return MISSING
-        return read(t, c.data.get(name), c.walk, c.where(name), index=None)
+        return read(t, c.data.get(name), c.walk, c.where(name))
     origin = typing.get_origin(t)
     if origin is tuple and dataclasses.is_dataclass(typing.get_args(t)[0]):
         return _struct_list(spec, c)
     if origin in (tuple, frozenset):
-        if not c.given(name):
+        if not c.present(name):  # replay_on: "" is no status at all, not the default
             return MISSING
         item = extra.get("item", str)
         items = (_convert(c, name, s, item) for s in _strings(c, name))
