@@ -127,6 +127,7 @@ def test_check_jsonschema_accepts_every_configuration_with_the_committed_schema(
         (minimal() | {"shutdown_timeout": "5 minutes"}, ["shutdown_timeout"]),
         (minimal() | {"log_format": "xml"}, ["log_format"]),
         (minimal() | {"tokens": {"max_entries": 0}}, ["tokens", "max_entries"]),
+        (minimal(type="static", email=None, password=None), ["upstreams", 0, "auth"]),
     ],
     ids=[
         "unknown-key",
@@ -136,6 +137,7 @@ def test_check_jsonschema_accepts_every_configuration_with_the_committed_schema(
         "duration",
         "choice",
         "bound",
+        "required-secret",
     ],
 )
 def test_the_schema_refuses_what_the_loader_refuses(data: dict[str, Any], where: list[Any]) -> None:

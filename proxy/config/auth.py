@@ -95,7 +95,6 @@ class RoyaltiAuth:
             default_doc="the upstream's url",
         ),
     ] = None
-    """Where ``/auth/login`` and ``/auth/authtoken`` live, when not under the upstream's url."""
 
     @property
     def mode(self) -> Literal["login", "refresh_token", "api_key"]:
@@ -152,7 +151,10 @@ class OAuth2Auth:
     """``type: oauth2_password`` or ``oauth2_client_credentials``: tokens from an OAuth2 token
     endpoint (RFC 6749 §4.3, §4.4)."""
 
-    grant: Annotated[Literal["password", "client_credentials"], key("From type.", derived=True)]
+    grant: Annotated[
+        Literal["password", "client_credentials"],
+        key("The grant, from the auth type (oauth2_<grant>).", derived=True),
+    ]
     token_url: Annotated[str, key("The token endpoint (http or https).", required=True)]
     client_id: Annotated[str | None, key("The client's id.")] = None
     client_secret: Annotated[Secret | None, key("The client's secret.")] = None

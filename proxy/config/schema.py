@@ -107,6 +107,8 @@ class _Builder:
         self.made: dict[str, type] = {}
         self.untagged: set[str] = set()
         """The Structs of default variants, whose ``type`` may be left out."""
+        self.either: dict[str, list[str]] = {}
+        """Struct -> its required secrets, each given as <key> or <key>_file."""
 
     def struct(
         self, cls: type, name: str, preset: Mapping[str, Any] = {}, tag: str | None = None
@@ -118,6 +120,8 @@ class _Builder:
             if spec.derived or spec.name in preset or not applies(spec, preset):
                 continue
             fields += self.fields(spec)
+            if spec.is_secret and spec.extra.get("required"):
+                self.either.setdefault(name, []).append(spec.name)
         options: dict[str, Any] = {"tag_field": "type", "tag": tag} if tag else {}
         made = msgspec.defstruct(
             name,
@@ -183,6 +187,9 @@ def schema() -> dict[str, Any]:
         for prop in definition["properties"].values():
             if "default" in prop and prop["default"] is None:
                 del prop["default"]  # unset: said in the description when it matters
+        for secret in builder.either.get(name, []):
+            given = [{"required": [secret]}, {"required": [f"{secret}_file"]}]
+            definition.setdefault("allOf", []).append({"anyOf": given})
         if name in builder.untagged:
             definition["required"] = [r for r in definition["required"] if r != "type"]
     return {

@@ -142,7 +142,6 @@ class TokenStoreConfig:
         str | None,
         key("redis:// or rediss:// (TLS), with user and password as Redis ACLs want them."),
     ] = None
-    """``redis://`` or ``rediss://`` (TLS), with user and password as Redis ACLs want them."""
     key_prefix: Annotated[str, key("Prefix of every Redis key.")] = "royalti-proxy"
     encryption_key: Annotated[
         EncryptionKeys | None,
@@ -151,7 +150,6 @@ class TokenStoreConfig:
             "Required with redis."
         ),
     ] = None
-    """The Fernet keys that encrypt every value written, parsed and checked at load."""
     timeout: Annotated[
         float,
         DURATION,
@@ -160,7 +158,6 @@ class TokenStoreConfig:
     lease: Annotated[
         float, DURATION, key("A renewal lock's lease, extended while the renewal runs.")
     ] = 15.0
-    """How long a renewal lock is held before it must be extended."""
     ca_file: Annotated[
         str | None, key("The CA (PEM) of a rediss:// server with a private CA.", path="watch")
     ] = None
@@ -220,7 +217,6 @@ class AdminConfig:
             ge=1,
         ),
     ] = 20
-    """Workspaces named in metric labels per upstream; the rest are folded into ``other``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,16 +257,20 @@ class Config:
             "change reloads the configuration without a restart."
         ),
     ] = 2.0
-    """How often the configuration file and every secret file are checked for changes."""
-    source: Annotated[str, key("", derived=True)] = "defaults"
-    """Where the configuration came from: a file path, or ``environment``."""
-    watched_files: Annotated[tuple[str, ...], key("", derived=True)] = ()
-    """The secret and TLS files the configuration names; a change to one triggers a reload."""
-    proxy_env: Annotated[ProxyEnvironment, key("", derived=True)] = field(
-        default_factory=ProxyEnvironment
-    )
-    """``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY``, as read when the configuration was
-    loaded."""
+    source: Annotated[
+        str, key("Where the configuration came from: a file path, or environment.", derived=True)
+    ] = "defaults"
+    watched_files: Annotated[
+        tuple[str, ...],
+        key(
+            "The secret and TLS files the configuration names; a change to one triggers a reload.",
+            derived=True,
+        ),
+    ] = ()
+    proxy_env: Annotated[
+        ProxyEnvironment,
+        key("HTTPS_PROXY, HTTP_PROXY and NO_PROXY, as read at load.", derived=True),
+    ] = field(default_factory=ProxyEnvironment)
 
     def _check(self, c: Checks) -> Config:
         guarded = self.inbound.allowed_cidrs or self.inbound.shared_secret is not None

@@ -129,7 +129,6 @@ class UpstreamConfig:
             f"request. In environment-only mode: {DEFAULT_ROYALTI_URL} unless set.",
             required="for every upstream",
             env="ROYALTI_API_URL",
-            schema_default=None,
         ),
     ]
     path_prefix: Annotated[
@@ -139,7 +138,7 @@ class UpstreamConfig:
     auth: Annotated[
         Auth, key("The credential the proxy adds to each request.", variants=AUTH_VARIANTS)
     ]
-    auth_type: Annotated[AuthType, key("auth.type", derived=True, tag="auth")]
+    auth_type: Annotated[AuthType, key("The type of the auth section.", derived=True, tag="auth")]
     replay_on: Annotated[
         frozenset[int],
         key(
@@ -201,12 +200,22 @@ class UpstreamConfig:
             default_doc="as egress",
         ),
     ] = None
-    proxy: Annotated[Egress | None, key("", derived=True)] = None
-    """The egress proxy forwarded requests and WebSocket handshakes go through (resolved at
-    load from ``egress`` and the environment); None: direct."""
-    token_proxy: Annotated[Egress | None, key("", derived=True)] = None
-    """The egress proxy the token endpoint (login, authtoken, OAuth2 token) is reached
-    through; None: direct."""
+    proxy: Annotated[
+        Egress | None,
+        key(
+            "The egress proxy forwarded requests and WebSocket handshakes go through (resolved "
+            "at load from egress and the environment); None: direct.",
+            derived=True,
+        ),
+    ] = None
+    token_proxy: Annotated[
+        Egress | None,
+        key(
+            "The egress proxy the token endpoint (login, authtoken, OAuth2 token) is reached "
+            "through; None: direct.",
+            derived=True,
+        ),
+    ] = None
 
     def _check(self, c: Checks) -> UpstreamConfig:
         url = self.url
