@@ -1,4 +1,4 @@
-"""Command line: ``royalti-proxy [run|check-config|demo] [--config PATH] ...``.
+"""Command line: ``royalti-proxy [run|check-config|config-schema|demo] [--config PATH] ...``.
 
 The environment is read here and nowhere else; everything below takes it as an argument.
 Exit codes: 0 clean exit, 1 runtime failure, 2 bad configuration or usage.
@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", help="overrides log_level (debug, info, warning, error)")
     sub.add_parser("run", parents=[common], help="run the proxy (the default)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    sub.add_parser("config-schema", help="print the JSON Schema of the configuration file")
     demo = sub.add_parser(
         "demo", parents=[common], help="run the proxy in front of an embedded fake Royalti API"
     )
@@ -57,6 +58,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     args = parser().parse_args(args_list)
     command = args.command or "run"
 
+    if command == "config-schema":
+        from proxy.config.schema import schema_text
+
+        sys.stdout.write(schema_text())
+        return 0
     if command == "demo":
         from proxy.demo import running
 
