@@ -54,28 +54,28 @@ INTERNALS = (
     Internal(
         aiohttp.ClientRequest,
         "_skip_auto_headers",
-        "forward.py ExactHeadersRequest.update_auto_headers",
+        "sending.py ExactHeadersRequest.update_auto_headers",
         "pass skip_auto_headers= with each upstream request (public, about 7 % slower)",
         read_by_aiohttp=True,
     ),
     Internal(
         aiohttp.ClientRequest,
         "update_auto_headers",
-        "forward.py ExactHeadersRequest (overridden: adds none of aiohttp's own headers)",
+        "sending.py ExactHeadersRequest (overridden: adds none of aiohttp's own headers)",
         "skip_auto_headers= with each request",
         signature=("self", "skip_auto_headers"),
     ),
     Internal(
         aiohttp.ClientRequest,
         "update_headers",
-        "forward.py ExactHeadersRequest (overridden: one C-level extend)",
+        "sending.py ExactHeadersRequest (overridden: one C-level extend)",
         "drop the override: aiohttp's own copies the headers one by one (slower, same result)",
         signature=("self", "headers"),
     ),
     Internal(
         web.StreamResponse,
         "_send_headers_immediately",
-        "forward.py _OneWriteResponse (head and first body bytes in one write)",
+        "relaying.py _OneWriteResponse (head and first body bytes in one write)",
         "none needed: without it the head goes out in a write of its own (same bytes)",
         read_by_aiohttp=True,
     ),
@@ -109,7 +109,7 @@ INTERNALS = (
     Internal(
         aiohttp.ClientSession,
         "_retry_connection",
-        "forward.py fresh_session (turned off: the proxy's own retry is one new connection)",
+        "sending.py fresh_session (turned off: the proxy's own retry is one new connection)",
         "fresh_session's hasattr guard leaves aiohttp's retry on: an idempotent request may "
         "reach the upstream once more",
         read_by_aiohttp=True,
