@@ -51,15 +51,16 @@ _WHOLE_MAX = 64 * 1024
 def _write_whole(
     request: web.BaseRequest,
     resp: aiohttp.ClientResponse,
-    kept: list[tuple[str, str]],
+    extra: frozenset[str],
     body: bytes,
 ) -> web.StreamResponse | None:
     """Write a response whose body has arrived whole as one ``transport.write`` of head and body,
     serialised here instead of by ``StreamResponse.prepare`` and ``write_eof`` (their chain of
-    coroutines, header multidicts and the payload writer's bookkeeping is a tenth of a small
-    request's cost: docs/performance.md). The bytes are the ones aiohttp would write: the same
-    status line, the headers in the same order, then ``Date``, ``Server`` and ``Content-Type``
-    added as aiohttp adds them when missing.
+    coroutines, header multidicts and the payload writer's bookkeeping cost about 8 % of a small
+    request: docs/performance.md). The bytes are the ones aiohttp would write: the same status
+    line, the same headers in the same order (less the hop-by-hop ones and those ``extra``, the
+    ``Connection`` header, names), then ``Content-Type``, ``Date`` and ``Server`` added as
+    aiohttp adds them when missing.
 
     Only for the common case, where that is certain: an HTTP/1.1 keep-alive request that is not
     ``HEAD``, a status that has a body, a ``Content-Length`` equal to the body received, a body
@@ -68,6 +69,7 @@ def _write_whole(
     transport = request.transport
     status = resp.status
     reason = resp.reason
+    headers = resp.headers
     if (
         transport is None
         or transport.is_closing()
@@ -78,25 +80,24 @@ def _write_whole(
         or status in (204, 304)
         or len(body) > _WHOLE_MAX
         or reason is None
-        or resp.headers.get("Content-Length") != str(len(body))
+        or headers.get("Content-Length") != str(len(body))
     ):
         return None
     lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-    date = server = ctype = False
-    for name, value in kept:
-        lines.append(f"{name}: {value}\r\n")
-        low = name.lower()
-        if low == "date":
-            date = True
-        elif low == "server":
-            server = True
-        elif low == "content-type":
-            ctype = True
-    if not ctype and body:
+    seen = 0
+    names = _response_names
+    for name, value in headers.items():
+        kind = names.get(name)
+        if kind is None:
+            kind = _classify_response_header(name)
+        if kind and not (extra and name.lower() in extra):
+            lines.append(f"{name}: {value}\r\n")
+            seen |= kind
+    if not seen & _CONTENT_TYPE and body:
         lines.append("Content-Type: application/octet-stream\r\n")
-    if not date:
+    if not seen & _DATE:
         lines.append(f"Date: {rfc822_formatted_time()}\r\n")
-    if not server:
+    if not seen & _SERVER:
         lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
     lines.append("\r\n")
     head = "".join(lines)
@@ -110,17 +111,28 @@ def _write_whole(
     return _WrittenResponse(status)
 
 
-#: Response header name (as received) -> whether it is passed on to the client.
-_response_names: dict[str, bool] = {}
+#: What :func:`_classify_response_header` says of a name: 0 when it is not passed on, else
+#: _KEEP, with a bit more for the headers aiohttp adds when they are missing.
+_KEEP, _DATE, _SERVER, _CONTENT_TYPE = 1, 2, 4, 8
+_ADDED_WHEN_MISSING = {
+    "date": _KEEP | _DATE,
+    "server": _KEEP | _SERVER,
+    "content-type": _KEEP | _CONTENT_TYPE,
+}
+
+#: Response header name (as received) -> :func:`_classify_response_header`'s verdict.
+_response_names: dict[str, int] = {}
 
 
-def _passes_response_header(name: str) -> bool:
+def _classify_response_header(name: str) -> int:
     low = name.lower()
-    keep = low not in HOP_BY_HOP and not low.startswith("proxy-")
+    kind = 0
+    if low not in HOP_BY_HOP and not low.startswith("proxy-"):
+        kind = _ADDED_WHEN_MISSING.get(low, _KEEP)
     if len(_response_names) >= _NAME_CACHE_SIZE:
         _response_names.clear()  # bounded: header names are the upstream's to choose
-    _response_names[name] = keep
-    return keep
+    _response_names[name] = kind
+    return kind
 
 
 async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -134,18 +146,18 @@ async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> web.S
     extra: frozenset[str] = frozenset()
     if "Connection" in headers:
         extra = _connection_extra(HOP_BY_HOP, tuple(headers.getall("Connection")))
+    if complete:
+        written = _write_whole(request, resp, extra, first)
+        if written is not None:
+            return written
     names = _response_names
     kept: list[tuple[str, str]] = []
     for item in headers.items():
         keep = names.get(item[0])
         if keep is None:
-            keep = _passes_response_header(item[0])
+            keep = _classify_response_header(item[0])
         if keep and not (extra and item[0].lower() in extra):
             kept.append(item)
-    if complete:
-        written = _write_whole(request, resp, kept, first)
-        if written is not None:
-            return written
     cls = _OneWriteResponse if first or complete else web.StreamResponse
     out = cls(status=resp.status, reason=resp.reason)
     out.headers.extend(kept)
