@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -124,3 +126,21 @@ def summarise_profile(path: Path, top: int = 15) -> dict[str, object]:
         "top_inclusive": pct(incl),
         "self_by_package": pct(groups),
     }
+
+
+def write_results(out: Path, rows: Sequence[Row], results: dict[str, Any]) -> None:
+    """``results.json`` and ``results.md`` in ``out``; the table, the profile's top frames and
+    the goals not met on stdout."""
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(rows) + "\n")
+    print()
+    print(table(rows))
+    prof = results.get("profile")
+    if isinstance(prof, dict) and prof.get("top_self"):
+        print("\nprofile, self time (share of busy samples):")
+        for name, pct in prof["top_self"][:10]:
+            print(f"  {pct:5.1f} %  {name}")
+    print(f"\n{results['seconds']:.0f} s; results in {out / 'results.json'}")
+    failed = [r.goal for r in rows if r.verdict in ("FAIL", "ERROR")]
+    if failed:
+        print(f"goals not met: {'; '.join(failed)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -104,3 +105,52 @@ def test_exchange_reports_a_server_that_hangs_up() -> None:
             loadgen._exchange(a, b"GET / HTTP/1.1\r\n\r\n")
     finally:
         a.close()
+
+
+# -- footprint helpers (bench/goals_footprint.py, bench/harness.py) ------------------------------
+
+
+def test_the_projects_dockerfile_has_a_slim_final_stage_without_build_tools() -> None:
+    import goals_footprint
+
+    assert goals_footprint._dockerfile_check(ROOT / "Dockerfile") == []
+
+
+def test_a_final_stage_that_is_not_slim_or_installs_a_compiler_is_reported(tmp_path) -> None:
+    import goals_footprint
+
+    path = tmp_path / "Dockerfile"
+    path.write_text(
+        "FROM python:3.11-slim AS build\nRUN pip wheel .\n"
+        "FROM python:3.11\nRUN apt-get update && apt-get install -y gcc\n"
+    )
+    problems = goals_footprint._dockerfile_check(path)
+    assert len(problems) == 3
+    assert "not slim" in problems[0]
+
+
+def test_wakeups_sum_every_thread_of_a_process_and_grow_when_it_sleeps() -> None:
+    import threading
+    import time
+
+    import harness
+
+    slept, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        for _ in range(20):
+            time.sleep(0.001)
+        slept.set()
+        release.wait(10)
+
+    before = harness.wakeups(os.getpid())
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        assert slept.wait(10)
+        # The worker slept 20 times: each a voluntary context switch of its own thread, which
+        # the main thread's /proc/PID/status alone would not show.
+        assert harness.wakeups(os.getpid()) - before >= 20
+    finally:
+        release.set()
+        worker.join()

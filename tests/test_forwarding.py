@@ -820,3 +820,125 @@ async def test_auth_url_sends_token_calls_outside_the_upstreams_base_path(
     assert echoed["raw_path"] == "/echo/x?y=1"
     assert echoed["workspace"] == WS[0]
     assert fake.login_calls == 1
+
+
+async def _raw_upstream(head: bytes, body: bytes) -> tuple[asyncio.Server, str]:
+    """An upstream that answers every request on a keep-alive connection with ``head`` and
+    ``body`` as given: no Date, Server or Content-Type of aiohttp's own."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(head + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def _exchange(port: int, request: bytes, body: bytes) -> bytes:
+    """One request on a keep-alive connection; the response's bytes up to its body's end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        rest = await asyncio.wait_for(reader.readexactly(len(body)), 5)
+    finally:
+        writer.close()
+    return head + rest
+
+
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Order: 1\r\nX-Order: 2\r\n\r\n", b"hello"),
+        (b"HTTP/1.1 404 Not Here\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\r\n", b""),
+        (
+            b"HTTP/1.1 201 Created\r\nServer: up/1\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"Content-Length: 2\r\nContent-Type: application/json\r\n\r\n",
+            b"{}",
+        ),
+    ],
+)
+async def test_a_whole_response_written_by_the_proxy_is_the_one_aiohttp_would_write(
+    head: bytes, body: bytes, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy serialises a response whose body arrived whole itself (proxy/relaying.py
+    _write_whole); its bytes are the ones aiohttp's StreamResponse writes for it, Date aside."""
+    import proxy.relaying as relaying
+
+    server, url = await _raw_upstream(head, body)
+    async with server:
+        proxy = await start_proxy(static_config(url))
+        port = URL(proxy.addresses["proxy"]).port
+        assert port is not None
+        request = b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n"
+        used: list[bool] = []
+        original = relaying._write_whole
+
+        def spy(*args: Any) -> web.StreamResponse | None:
+            out = original(*args)
+            used.append(out is not None)
+            return out
+
+        monkeypatch.setattr(relaying, "_write_whole", spy)
+        fast = await _exchange(port, request, body)
+        monkeypatch.setattr(relaying, "_write_whole", lambda *args: None)
+        slow = await _exchange(port, request, body)
+    assert used == [True]
+
+    def lines(raw: bytes) -> list[bytes]:
+        return [
+            b"Date: *" if x.startswith(b"Date: ") and b"2024" not in x else x
+            for x in raw.split(b"\r\n")
+        ]
+
+    assert lines(fast) == lines(slow)
+    assert fast.endswith(b"\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize(
+    ("request_line", "head", "why"),
+    [
+        (b"HEAD /x HTTP/1.1", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HEAD"),
+        (b"GET /x HTTP/1.0", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HTTP/1.0"),
+        (b"GET /x HTTP/1.1", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+    ],
+)
+async def test_a_response_outside_the_common_case_takes_aiohttps_own_path(
+    request_line: bytes,
+    head: bytes,
+    why: str,
+    start_proxy: ProxyFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import proxy.relaying as relaying
+
+    body = {"HEAD": b"", "chunked": b"5\r\nhello\r\n0\r\n\r\n"}.get(why, b"hello")
+    server, url = await _raw_upstream(head, body)
+    results: list[bool] = []
+    original = relaying._write_whole
+
+    def spy(*args: Any) -> web.StreamResponse | None:
+        out = original(*args)
+        results.append(out is not None)
+        return out
+
+    monkeypatch.setattr(relaying, "_write_whole", spy)
+    async with server:
+        proxy = await start_proxy(static_config(url))
+        port = URL(proxy.addresses["proxy"]).port
+        assert port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request_line + b"\r\nHost: p\r\nConnection: close\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+    assert raw.split(b" ", 2)[1] == b"200", why
+    assert results in ([], [False]), why

@@ -17,8 +17,10 @@ ONLY_WHEN_CONFIGURED = ("yaml", "redis", "proxy.store.redis_store", "proxy.store
 
 
 def loaded_after(script: str) -> list[str]:
-    """Which of ONLY_WHEN_CONFIGURED (and cryptography) ``script`` leaves in sys.modules."""
-    watched = (*ONLY_WHEN_CONFIGURED, "cryptography.fernet")
+    """Which of ONLY_WHEN_CONFIGURED, cryptography and PyJWT ``script`` leaves in sys.modules
+    (the proxy reads JWT claims itself: PyJWT is never imported, and cryptography only for the
+    Redis store's sealing)."""
+    watched = (*ONLY_WHEN_CONFIGURED, "cryptography.fernet", "cryptography", "jwt")
     done = subprocess.run(
         [
             sys.executable,
@@ -82,4 +84,4 @@ def test_a_redis_store_imports_redis_and_fernet_when_opened(tmp_path: Path) -> N
         f"config = load({str(path)!r}, {{}})\n"
         "assert open_store(config.token_store, clock=SystemClock()) is not None\n"
     )
-    assert loaded_after(script) == [*ONLY_WHEN_CONFIGURED, "cryptography.fernet"]
+    assert loaded_after(script) == [*ONLY_WHEN_CONFIGURED, "cryptography.fernet", "cryptography"]

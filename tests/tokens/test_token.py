@@ -13,6 +13,7 @@ from proxy.tokens.token import (
     MAX_LIFETIME,
     SkewNotice,
     Token,
+    _claims,
     jwt_lifetime,
     make_token,
     safety_margin,
@@ -158,3 +159,41 @@ def test_the_skew_warning_is_logged_once_per_distinct_skew_not_per_token(caplog)
     records = [r for r in caplog.records if getattr(r, "event", None) == "issuer_clock_skew"]
     assert [r.skew_seconds for r in records] == [-3_600, 7_200]
     assert all(r.issuer == "royalti" for r in records)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a.b.c.d",  # four segments
+        "e30.W10.",  # payload a JSON array
+        "W10.e30.",  # header a JSON array
+        "e30.e30!.",  # a character outside base64url
+        "e30.bm90IGpzb24.",  # payload not JSON
+        "e30..",  # empty payload
+    ],
+)
+def test_malformed_compact_serialisations_are_rejected(value):
+    with pytest.raises(TokenFetchError) as info:
+        jwt_lifetime(value, server_time=None, local_wall=0.0)
+    assert info.value.code == "BAD_TOKEN"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"iat": 1_000, "exp": 1_000 + 21_600},
+        {"exp": 10_000.5, "name": "ü ✓", "activeWorkspace": "ws"},
+        {"iat": 5, "exp": 7, "pad": "x" * 1},
+        {"iat": 5, "exp": 7, "pad": "x" * 2},
+        {"iat": 5, "exp": 7, "pad": "x" * 3},
+    ],
+)
+def test_claims_are_read_as_pyjwt_reads_them_unverified(claims):
+    value = _jwt(**claims)
+    assert _claims(value) == jwt.decode(value, options={"verify_signature": False})
+    assert _claims(value) == claims
+
+
+def test_the_signature_is_never_checked():
+    value = jwt.encode({"iat": 1, "exp": 2}, "another key entirely, 32 bytes long", "HS256")
+    assert jwt_lifetime(value, server_time=None, local_wall=0.0) == (1.0, 2.0)
