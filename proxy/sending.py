@@ -45,7 +45,7 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 def fresh_session(
-    *, limit: int, tls: ssl.SSLContext, egress: Egress | None = None
+    *, limit: int, tls: ssl.SSLContext | bool, egress: Egress | None = None
 ) -> aiohttp.ClientSession:
     """The session of :attr:`Route.fresh_session`: each request on a new connection, closed
     after its response, and no retry of aiohttp's own, so that the proxy's retry is one

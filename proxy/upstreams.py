@@ -41,9 +41,17 @@ if TYPE_CHECKING:
     from proxy.store.base import SharedStore
 
 
-def ssl_context(tls: TLSSettings, *, extra_ca: str | None = None) -> ssl.SSLContext:
+def ssl_context(tls: TLSSettings, *, extra_ca: str | None = None) -> ssl.SSLContext | bool:
     """The TLS settings of one upstream: verification on unless switched off explicitly.
-    ``extra_ca`` is trusted too: the CA of an egress proxy that intercepts TLS."""
+    ``extra_ca`` is trusted too: the CA of an egress proxy that intercepts TLS.
+
+    ``True`` when the settings are the defaults (the system's CAs, no client certificate,
+    verification on, no extra CA): aiohttp's own verified context, which it builds once when
+    it is imported (``ssl.create_default_context()``, hostname checked). Building another per
+    upstream would load the system's CA bundle again, about 0.75 MiB each
+    (docs/performance.md)."""
+    if tls.ca_file is None and tls.cert_file is None and tls.verify and not extra_ca:
+        return True
     ctx = ssl.create_default_context(cafile=tls.ca_file)
     if extra_ca:
         ctx.load_verify_locations(cafile=extra_ca)
@@ -60,7 +68,7 @@ def build_source(
     *,
     session: aiohttp.ClientSession,
     clock: Clock,
-    tls: ssl.SSLContext,
+    tls: ssl.SSLContext | bool,
     config: Config,
     observer_for: Callable[[str], FetchObserver] = lambda kind: ignore,
     credential: CredentialStore = LOCAL,
@@ -70,6 +78,7 @@ def build_source(
     ``observer_for(kind)`` is told about the source's token-endpoint calls; ``credential`` is
     where a source with a refresh credential keeps it."""
     auth = up.auth
+    context = tls if isinstance(tls, ssl.SSLContext) else None  # None: the verified default
     if isinstance(auth, RoyaltiAuth):
         if auth.api_key is not None:
             ref = auth.api_key
@@ -90,7 +99,7 @@ def build_source(
             session=session,
             clock=clock,
             timeout=up.timeouts.token,
-            ssl_context=tls,
+            ssl_context=context,
             min_backoff=config.tokens.min_backoff,
             max_backoff=config.tokens.max_backoff,
             upstream=up.name,
@@ -110,7 +119,7 @@ def build_source(
             timeout=up.timeouts.token,
             session=session,
             clock=clock,
-            ssl_context=tls,
+            ssl_context=context,
             observer=observer_for(f"oauth2_{auth.grant}"),
             credential=credential,
         )

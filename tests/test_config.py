@@ -5,6 +5,7 @@ mode resolve as documented; the annotated example is valid as written."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -401,6 +402,39 @@ def test_invalid_yaml_exits_2_naming_the_file_and_line(
     code, _, err = check_config(tmp_path, capsys, "upstreams:\n  - name: [unclosed\n")
     assert code == 2
     assert err.startswith(f"royalti-proxy: {tmp_path / 'proxy.yaml'}: not valid YAML (line ")
+
+
+def test_a_json_file_is_read_as_json_with_the_same_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "proxy.json"
+    data = {
+        "upstreams": [
+            {
+                "name": "r",
+                "url": "https://api.royalti.io",
+                "path_prefix": "/",
+                "auth": {"type": "royalti", "api_key": "${KEY}"},
+            }
+        ],
+        "listn": ":1",
+    }
+    path.write_text(json.dumps(data))
+    assert main(["check-config", "--config", str(path)], {"KEY": "k"}) == 2
+    assert "listn: unknown key" in capsys.readouterr().err
+    del data["listn"]
+    path.write_text(json.dumps(data))
+    config = load(str(path), {"KEY": "k"})
+    assert config.upstreams[0].auth.api_key.load().reveal() == "k"
+
+
+def test_invalid_json_exits_2_naming_the_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "proxy.json"
+    path.write_text('{"upstreams":\n  [\n')
+    assert main(["check-config", "--config", str(path)], {}) == 2
+    assert capsys.readouterr().err.startswith(f"royalti-proxy: {path}: not valid JSON (line 3)")
 
 
 def test_nonexistent_file_exits_2_naming_the_file(capsys: pytest.CaptureFixture[str]) -> None:

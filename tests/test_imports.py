@@ -85,3 +85,24 @@ def test_a_redis_store_imports_redis_and_fernet_when_opened(tmp_path: Path) -> N
         "assert open_store(config.token_store, clock=SystemClock()) is not None\n"
     )
     assert loaded_after(script) == [*ONLY_WHEN_CONFIGURED, "cryptography.fernet", "cryptography"]
+
+
+def test_a_json_configuration_is_read_without_the_yaml_parser(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.json"
+    data = {
+        "upstreams": [
+            {
+                "name": "royalti",
+                "url": "https://api.royalti.io",
+                "path_prefix": "/",
+                "auth": {"type": "royalti", "api_key": "${KEY}"},
+            }
+        ]
+    }
+    path.write_text(json.dumps(data))
+    script = APP_PATH + (
+        f"config = load({str(path)!r}, {{'KEY': 'k'}})\n"
+        "assert config.upstreams[0].auth.api_key.load().reveal() == 'k'\n"
+        "assert open_store(config.token_store, clock=SystemClock()) is None\n"
+    )
+    assert loaded_after(script) == []

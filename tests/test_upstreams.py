@@ -368,3 +368,25 @@ async def test_mutual_tls_presents_the_configured_client_certificate(
         assert (status, body["auth"]) == (200, "Bearer t0k3n")
     finally:
         await runner.cleanup()
+
+
+def test_default_tls_settings_share_aiohttps_verified_context_and_others_get_their_own(
+    ca, tmp_path
+):
+    """The defaults are aiohttp's own verified context (``True``), built once at its import,
+    not a new one per upstream; any setting of its own gives an upstream a context of its own
+    (the handshakes themselves: the tests above)."""
+    from proxy.config import TLSSettings
+    from proxy.upstreams import ssl_context
+
+    assert ssl_context(TLSSettings()) is True
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    for own in (
+        ssl_context(TLSSettings(ca_file=str(ca_file))),
+        ssl_context(TLSSettings(), extra_ca=str(ca_file)),
+    ):
+        assert isinstance(own, ssl.SSLContext)
+        assert own.verify_mode == ssl.CERT_REQUIRED and own.check_hostname
+    off = ssl_context(TLSSettings(verify=False))
+    assert isinstance(off, ssl.SSLContext) and off.verify_mode == ssl.CERT_NONE
