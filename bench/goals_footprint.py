@@ -24,8 +24,8 @@ IDLE_RSS_MIB = 40.0
 IDLE_RSS_REDIS_MIB = 60.0
 READY_S = 0.3
 WAKEUPS_PER_S = 1.0
-#: Spawns on asyncio's own loop, measured beside the default loop's for the RSS row.
-ASYNCIO_SPAWNS = 2
+#: Spawns on asyncio's own loop (a plain install), beside uvloop's when it is installed.
+ASYNCIO_SPAWNS = 3
 WARM = {**FAKE_AUTH, "default_workspace": "ws-00"}
 
 
@@ -53,19 +53,31 @@ def start_and_idle(b: Bench, fake_url: str) -> None:
         "idle_rss_kib": idle_kib,
         "idle_rss_asyncio_kib": asyncio_kib,
     }
-    loop = "uvloop" if _has_uvloop() else "asyncio (uvloop not installed)"
-    worst = max(idle_kib) / 1024
+    # Two rows when uvloop is installed: a plain install runs on asyncio's loop, the `fast`
+    # extra (and the Docker image, which installs it) on uvloop. Each has its own verdict.
+    on_asyncio = max(asyncio_kib) / 1024
     b.rows.append(
         Row(
-            "idle RSS, memory store",
+            "idle RSS, memory store, asyncio's loop",
             f"<= {IDLE_RSS_MIB:.0f} MiB",
-            f"{median(idle_kib) / 1024:.1f} MiB VmRSS 1 s after ready, one workspace warm "
-            f"(min {min(idle_kib) / 1024:.1f}, max {worst:.1f}, {len(idle_kib)} starts, "
-            f"default loop: {loop}); on asyncio's loop {median(asyncio_kib) / 1024:.1f} MiB "
-            f"(max {max(asyncio_kib) / 1024:.1f}, {len(asyncio_kib)} starts)",
-            verdict(worst <= IDLE_RSS_MIB),
+            f"{median(asyncio_kib) / 1024:.1f} MiB VmRSS 1 s after ready, one workspace warm "
+            f"(min {min(asyncio_kib) / 1024:.1f}, max {on_asyncio:.1f}, {len(asyncio_kib)} "
+            "starts; a plain install, ROYALTI_PROXY_LOOP=asyncio)",
+            verdict(on_asyncio <= IDLE_RSS_MIB),
         )
     )
+    if _has_uvloop():
+        worst = max(idle_kib) / 1024
+        b.rows.append(
+            Row(
+                "idle RSS, memory store, uvloop",
+                f"<= {IDLE_RSS_MIB:.0f} MiB",
+                f"{median(idle_kib) / 1024:.1f} MiB VmRSS 1 s after ready, one workspace warm "
+                f"(min {min(idle_kib) / 1024:.1f}, max {worst:.1f}, {len(idle_kib)} starts; "
+                "the fast extra and the Docker image, where uvloop is the default loop)",
+                verdict(worst <= IDLE_RSS_MIB),
+            )
+        )
     b.rows.append(
         Row(
             "start to ready",

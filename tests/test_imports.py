@@ -17,10 +17,10 @@ ONLY_WHEN_CONFIGURED = ("yaml", "redis", "proxy.store.redis_store", "proxy.store
 
 
 def loaded_after(script: str) -> list[str]:
-    """Which of ONLY_WHEN_CONFIGURED, cryptography and PyJWT ``script`` leaves in sys.modules
-    (the proxy reads JWT claims itself: PyJWT is never imported, and cryptography only for the
-    Redis store's sealing)."""
-    watched = (*ONLY_WHEN_CONFIGURED, "cryptography.fernet", "cryptography", "jwt")
+    """Which of ONLY_WHEN_CONFIGURED, cryptography, PyJWT and msgspec ``script`` leaves in
+    sys.modules (the proxy reads JWT claims itself: PyJWT is never imported, cryptography only
+    for the Redis store's sealing, msgspec only to write the configuration's JSON Schema)."""
+    watched = (*ONLY_WHEN_CONFIGURED, "cryptography.fernet", "cryptography", "jwt", "msgspec")
     done = subprocess.run(
         [
             sys.executable,
@@ -106,3 +106,7 @@ def test_a_json_configuration_is_read_without_the_yaml_parser(tmp_path: Path) ->
         "assert open_store(config.token_store, clock=SystemClock()) is None\n"
     )
     assert loaded_after(script) == []
+
+
+def test_only_the_schema_command_imports_msgspec() -> None:
+    assert loaded_after("from proxy.config.schema import schema_text\nschema_text()") == ["msgspec"]

@@ -1,9 +1,9 @@
-"""Typed, frozen settings, loaded from YAML or from the environment alone.
+"""Typed, frozen settings, loaded from YAML (or JSON) or from the environment alone.
 
 Declared once (:mod:`.settings`, :mod:`.upstream`, :mod:`.auth`), as dataclasses whose fields carry
-:class:`msgspec.Meta` (description, bounds, environment variable; see :mod:`.fields`). From those
-declarations come the loader (:mod:`.walk`, :mod:`.load`), the JSON Schema (:mod:`.schema`,
-``royalti-proxy config-schema``) and docs/configuration.md (:mod:`.docs`).
+a :class:`~.fields.Meta` (description, bounds, environment variable; see :mod:`.fields`). From
+those declarations come the loader (:mod:`.walk`, :mod:`.load`), the JSON Schema (:mod:`.schema`,
+``royalti-proxy config-schema``, written by msgspec) and docs/configuration.md (:mod:`.docs`).
 
 Loading resolves everything once: ``${VAR}``/``${VAR:-default}`` interpolation, secrets from
 ``<key>_file``, durations (``30s``, ``5m``, ``6h``), sizes (``1MiB``), defaults. Every problem is

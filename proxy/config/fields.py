@@ -1,8 +1,13 @@
-"""How a setting is declared: ``Annotated[<runtime type>, msgspec.Meta(...)]`` on a field of a
-frozen dataclass, read back here as a :class:`Spec` by the loader, the schema and the docs.
+"""How a setting is declared: ``Annotated[<runtime type>, Meta(...)]`` on a field of a frozen
+dataclass, read back here as a :class:`Spec` by the loader, the schema and the docs.
 
-msgspec's :class:`~msgspec.Meta` carries the description, the numeric bound (``ge``) and, in
-``extra``, what only this package reads:
+:class:`Meta` has the fields of :class:`msgspec.Meta` that the declarations use: the
+description, the numeric bound (``ge``) and, in ``extra``, what only this package reads. It is
+a class of its own rather than ``msgspec.Meta`` itself so that the running proxy never imports
+msgspec (1.0 MiB of an idle process, docs/performance.md): only ``royalti-proxy config-schema``
+does, and :mod:`.schema` turns each :class:`Spec` into msgspec's annotations there.
+
+``extra`` holds:
 
 ``env``/``env_file``
     the variable (of the environment-only mode) that sets the key / its ``_file`` form;
@@ -41,14 +46,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-import msgspec
-
 from proxy.secret import Secret
 
 from .values import SecretRef
 
-DURATION = msgspec.Meta(extra={"kind": "duration"})
-SIZE = msgspec.Meta(extra={"kind": "size"})
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Meta:
+    """One declaration's metadata (see the module docstring); named and shaped after
+    :class:`msgspec.Meta`, which :mod:`.schema` builds from it."""
+
+    description: str | None = None
+    ge: int | None = None
+    extra: dict[str, Any] | None = None
+
+
+DURATION = Meta(extra={"kind": "duration"})
+SIZE = Meta(extra={"kind": "size"})
 
 
 def key(
@@ -68,8 +82,8 @@ def key(
     default_doc: str | None = None,
     schema_default: Any = None,
     type_doc: str | None = None,
-) -> msgspec.Meta:
-    """The :class:`msgspec.Meta` that declares one setting (see the module docstring)."""
+) -> Meta:
+    """The :class:`Meta` that declares one setting (see the module docstring)."""
     given = {
         "env": env,
         "env_file": env_file,
@@ -86,7 +100,7 @@ def key(
         "type_doc": type_doc,
     }
     extra = {k: v for k, v in given.items() if v is not None}
-    return msgspec.Meta(description=description, ge=ge, extra=extra)
+    return Meta(description=description, ge=ge, extra=extra)
 
 
 @dataclass(frozen=True)
@@ -129,19 +143,19 @@ class Spec:
 
 #: Field declarations for settings classes defined elsewhere (``proxy.egress.ProxySetting``),
 #: which cannot import this package: class -> field name -> Meta.
-OVERLAYS: dict[type, dict[str, msgspec.Meta]] = {}
+OVERLAYS: dict[type, dict[str, Meta]] = {}
 
 #: Cross-field checks for such classes (the others have a ``_check`` method).
 CHECKS: dict[type, Callable[[Any, Any], Any]] = {}
 
 
-def unwrap(hint: Any) -> tuple[Any, bool, list[msgspec.Meta]]:
+def unwrap(hint: Any) -> tuple[Any, bool, list[Meta]]:
     """``(type, optional, metas)`` of an annotation."""
-    metas: list[msgspec.Meta] = []
+    metas: list[Meta] = []
     optional = False
     while True:
         if typing.get_origin(hint) is typing.Annotated:
-            metas += [m for m in hint.__metadata__ if isinstance(m, msgspec.Meta)]
+            metas += [m for m in hint.__metadata__ if isinstance(m, Meta)]
             hint = hint.__origin__
             continue
         if typing.get_origin(hint) in (Union, types.UnionType):
