@@ -117,13 +117,7 @@ class MemoryStore:
         self.errors: Counter[str] = Counter()
 
     def names(self, kind: str, scope: str) -> Names:
-        tag = "{" + scope + "}"
-        p = self._prefix
-        return Names(
-            value=f"{p}:{kind}:{tag}",
-            lock=f"{p}:lock:{kind}:{tag}",
-            failed=f"{p}:failed:{kind}:{tag}",
-        )
+        return Names.of(self._prefix, kind, scope)
 
     def _call(self, op: str) -> MemoryBackend:
         if self.backend.down:

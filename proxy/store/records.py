@@ -32,6 +32,17 @@ class Names:
     lock: str
     failed: str
 
+    @classmethod
+    def of(cls, prefix: str, kind: str, scope: str) -> Names:
+        """The keys of the item ``kind`` (``token`` or ``credential``) of ``scope``, under
+        ``prefix``: ``P:K:{S}``, ``P:lock:K:{S}``, ``P:failed:K:{S}``."""
+        tag = "{" + scope + "}"
+        return cls(
+            value=f"{prefix}:{kind}:{tag}",
+            lock=f"{prefix}:lock:{kind}:{tag}",
+            failed=f"{prefix}:failed:{kind}:{tag}",
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Record:

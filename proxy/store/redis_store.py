@@ -170,13 +170,7 @@ class RedisStore:
     # -- names --------------------------------------------------------------------------------
 
     def names(self, kind: str, scope: str) -> Names:
-        tag = "{" + scope + "}"
-        p = self._prefix
-        return Names(
-            value=f"{p}:{kind}:{tag}",
-            lock=f"{p}:lock:{kind}:{tag}",
-            failed=f"{p}:failed:{kind}:{tag}",
-        )
+        return Names.of(self._prefix, kind, scope)
 
     # -- the calls ----------------------------------------------------------------------------
 
