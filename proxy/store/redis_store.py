@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
 
 from proxy.clock import Clock, SystemClock
 from proxy.config import TokenStoreConfig
