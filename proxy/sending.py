@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import readtimeout
+from proxy.direct import send_directly
 from proxy.egress import Egress, client_session, egress_error
 from proxy.errors import (
     BodyTooLarge,
@@ -204,6 +205,8 @@ def _request(
 ) -> Awaitable[aiohttp.ClientResponse]:
     """The request as the route sends it: no redirect followed, the route's timeouts. Not a
     coroutine: it hands back aiohttp's awaitable, so the hot path gains no frame."""
+    if route.direct:
+        return send_directly(session, route.timeout, method, url, headers, data)
     return session.request(
         method, url, headers=headers, data=data, allow_redirects=False, timeout=route.timeout
     )

@@ -28,6 +28,7 @@ from proxy.config import (
     UpstreamConfig,
     read_secret_file,
 )
+from proxy.direct import can_send_directly
 from proxy.egress import client_session
 from proxy.forward import ExactHeadersRequest, Route, fresh_session
 from proxy.metrics import TokenMetrics
@@ -214,15 +215,17 @@ async def open_upstream(
         raise
     ra = up.auth if isinstance(up.auth, RoyaltiAuth) else None
     per_ws = source is not None and source.per_workspace
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=up.timeouts.connect, sock_read=up.timeouts.read
+    )
     route = Route(
         name=up.name,
         prefix=up.path_prefix.rstrip("/"),
         base_url=up.url,
         session=session,
         fresh_session=fresh,
-        timeout=aiohttp.ClientTimeout(
-            total=None, connect=up.timeouts.connect, sock_read=up.timeouts.read
-        ),
+        timeout=timeout,
+        direct=can_send_directly(session, timeout) and can_send_directly(fresh, timeout),
         manager=manager,
         per_workspace=per_ws,
         default_workspace=ra.default_workspace if ra else None,

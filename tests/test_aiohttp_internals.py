@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -203,3 +204,195 @@ async def test_every_private_aiohttp_name_the_proxy_uses_is_there_and_unchanged(
         if name not in server_params:
             broken.append(f"web.Server.__init__ has no {name} (inbound.py GuardedServer)")
     assert not broken, "aiohttp internals the proxy uses changed:\n" + "\n".join(broken)
+
+
+#: Every name ``ClientSession._request`` (with its nested functions) uses, as of aiohttp 3.14.5,
+#: the version proxy/direct.py was written from. A name added by an aiohttp release is new
+#: behaviour of ``session.request`` that the direct path may have to learn: review direct.py.
+_REQUEST_NAMES_REVIEWED = frozenset(
+    {
+        "AUTHORIZATION",
+        "BaseException",
+        "CONTENT_LENGTH",
+        "COOKIE",
+        "ClientConnectorCertificateError",
+        "ClientConnectorError",
+        "ClientConnectorSSLError",
+        "ClientError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ClientRequest",
+        "ClientResponse",
+        "ClientTimeout",
+        "ConnectionTimeoutError",
+        "DeprecationWarning",
+        "EMPTY_BODY_METHODS",
+        "HTTP_AND_EMPTY_SCHEMA_SET",
+        "IDEMPOTENT_METHODS",
+        "InvalidURL",
+        "InvalidUrlClientError",
+        "InvalidUrlRedirectClientError",
+        "JsonBytesPayload",
+        "JsonPayload",
+        "LOCATION",
+        "LookupError",
+        "METH_GET",
+        "METH_HEAD",
+        "METH_POST",
+        "NonHttpUrlClientError",
+        "NonHttpUrlRedirectClientError",
+        "OSError",
+        "PROXY_AUTHORIZATION",
+        "RuntimeError",
+        "ServerDisconnectedError",
+        "TimeoutError",
+        "TimeoutHandle",
+        "TooManyRedirects",
+        "Trace",
+        "URI",
+        "URL",
+        "ValueError",
+        "_UnlimitedCookieJar",
+        "_attempt_started",
+        "_auto_decompress",
+        "_base_url",
+        "_base_url_origin",
+        "_bind",
+        "_body",
+        "_build_url",
+        "_connector",
+        "_cookie_jar",
+        "_default_auth",
+        "_default_proxy",
+        "_default_proxy_auth",
+        "_finalize",
+        "_get_netrc_auth",
+        "_has_no_authority",
+        "_history",
+        "_json_serialize",
+        "_json_serialize_bytes",
+        "_loop",
+        "_max_field_size",
+        "_max_headers",
+        "_max_line_size",
+        "_merge_ssl_params",
+        "_middlewares",
+        "_prepare_headers",
+        "_raise_for_status",
+        "_raw_cookie_headers",
+        "_read_bufsize",
+        "_request_class",
+        "_requote_redirect_url",
+        "_response_class",
+        "_retry_connection",
+        "_skip_auto_headers",
+        "_timeout",
+        "_timeout_ceil_threshold",
+        "_trace_configs",
+        "_trust_env",
+        "_upload_gen",
+        "_upload_tracker",
+        "_version",
+        "add_callback",
+        "allowed_protocol_schema_set",
+        "append",
+        "args",
+        "asyncio",
+        "bool",
+        "build_client_middlewares",
+        "callable",
+        "cancel",
+        "ceil_threshold",
+        "close",
+        "closed",
+        "connect",
+        "connection",
+        "consumed",
+        "errno",
+        "filter_cookies",
+        "frozenset",
+        "get",
+        "get_env_proxy_for_url",
+        "hdrs",
+        "headers",
+        "host",
+        "isinstance",
+        "istr",
+        "join",
+        "load",
+        "method",
+        "origin",
+        "payload",
+        "pop",
+        "popall",
+        "protocol",
+        "quote_cookie",
+        "raise_for_status",
+        "raw_host",
+        "release",
+        "request_info",
+        "run_in_executor",
+        "scheme",
+        "send",
+        "send_request_end",
+        "send_request_exception",
+        "send_request_redirect",
+        "send_request_start",
+        "sentinel",
+        "set_response_params",
+        "sock_read",
+        "start",
+        "status",
+        "strip_auth_from_url",
+        "suppress",
+        "timer",
+        "to_thread",
+        "total",
+        "trace_config_ctx",
+        "treat_as_secure_origin",
+        "trust_env",
+        "tuple",
+        "unsafe",
+        "update_cookies",
+        "update_cookies_from_headers",
+        "update_query",
+        "upper",
+        "url",
+        "warn",
+        "warnings",
+    }
+)
+
+
+def _all_names(code: types.CodeType) -> set[str]:
+    found = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found |= _all_names(const)
+    return found
+
+
+async def test_the_direct_path_matches_the_aiohttp_it_was_written_from() -> None:
+    """proxy/direct.py re-does the part of ``ClientSession._request`` the proxy uses: what it
+    calls must still take what it passes, and ``_request`` must do nothing new."""
+    new = _all_names(aiohttp.ClientSession._request.__code__) - _REQUEST_NAMES_REVIEWED
+    assert not new, f"ClientSession._request now uses {sorted(new)}: review proxy/direct.py"
+    params = set(inspect.signature(ResponseHandler.set_response_params).parameters)
+    assert params == {
+        "self", "timer", "skip_payload", "read_until_eof", "auto_decompress", "read_timeout",
+        "read_bufsize", "timeout_ceil_threshold", "max_line_size", "max_field_size",
+        "max_headers",
+    }  # fmt: skip
+    init = set(inspect.signature(aiohttp.ClientRequest.__init__).parameters)
+    passed = {"method", "url", "headers", "data", "version", "loop", "response_class", "timer"}
+    assert passed | {"session"} <= init
+    # The session attributes direct.py reads are all set by ClientSession.__init__.
+    read = {
+        "_connector", "_loop", "_response_class", "_version", "_auto_decompress",
+        "_read_bufsize", "_max_line_size", "_max_field_size", "_max_headers",
+        "_retry_connection", "_request_class", "_cookie_jar", "_default_proxy",
+        "_trace_configs", "_middlewares", "_default_headers", "_default_auth", "_trust_env",
+        "_raise_for_status", "_base_url",
+    }  # fmt: skip
+    missing = read - _all_names(aiohttp.ClientSession.__init__.__code__)
+    assert not missing, f"ClientSession no longer sets {sorted(missing)}: review proxy/direct.py"
