@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
+# First, for its side effect: switches that must be set before aiohttp is imported (see it).
+import proxy.lean  # noqa: F401
 from proxy import __version__, logs
 from proxy.app import Proxy
 from proxy.config import Config, load

@@ -5,12 +5,20 @@ Each check runs in a fresh interpreter, since this test process has imported eve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
+
+#: The environment of every fresh interpreter here: nothing of this one's (this test process has
+#: imported proxy.__main__, which sets FROZENLIST_NO_EXTENSIONS in its own environment).
+CLEAN_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
 
 # Modules a configuration without a shared store (or without a file) must never load.
 ONLY_WHEN_CONFIGURED = ("yaml", "redis", "proxy.store.redis_store", "proxy.store.seal")
@@ -28,7 +36,7 @@ def loaded_after(script: str) -> list[str]:
             f"import sys\n{script}\nimport json\n"
             f"print(json.dumps([m for m in {watched!r} if m in sys.modules]))",
         ],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        env=CLEAN_ENV,
         capture_output=True,
         text=True,
         timeout=60,
@@ -110,3 +118,43 @@ def test_a_json_configuration_is_read_without_the_yaml_parser(tmp_path: Path) ->
 
 def test_only_the_schema_command_imports_msgspec() -> None:
     assert loaded_after("from proxy.config.schema import schema_text\nschema_text()") == ["msgspec"]
+
+
+# -- frozenlist's C++ extension -------------------------------------------------------------
+
+#: Run after ``import proxy.__main__``: what it loaded, and whether libstdc++ is mapped.
+NATIVE = """
+import json, sys
+with open("/proc/self/maps") as maps:
+    libstdcxx = any("libstdc++" in line for line in maps)
+watched = ("uvloop", "frozenlist", "frozenlist._frozenlist")
+print(json.dumps({"modules": [m for m in watched if m in sys.modules], "libstdc++": libstdcxx}))
+"""
+
+
+def after_the_command_line(env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", "import proxy.__main__\n" + NATIVE],
+        env={**CLEAN_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_the_command_line_loads_frozenlist_without_its_cxx_extension_and_no_uvloop() -> None:
+    # frozenlist itself is loaded (aiohttp's signals use it): its pure-Python FrozenList.
+    assert after_the_command_line() == {"modules": ["frozenlist"], "libstdc++": False}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("frozenlist._frozenlist") is None,
+    reason="this frozenlist install has no C extension",
+)
+def test_frozenlist_no_extensions_set_empty_brings_the_cxx_extension_back() -> None:
+    found = after_the_command_line({"FROZENLIST_NO_EXTENSIONS": ""})
+    assert found == {"modules": ["frozenlist", "frozenlist._frozenlist"], "libstdc++": True}
