@@ -4,6 +4,7 @@
 #
 #   make image                                 # docker, else podman; see deploy/README.md
 #   docker build -t royalti-auth-proxy:0.1.0 .   # the same by hand
+#   docker build --build-arg EXTRAS=fast ...     # with uvloop (see deploy/README.md)
 #
 # Stage 1 builds the wheel and installs it, with its dependencies, into a virtual environment;
 # stage 2 is a clean slim Python with that environment copied in, no compiler, no source tree.
@@ -22,10 +23,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 
-# The "fast" extra brings uvloop, which the proxy uses automatically when it is installed.
+# Optional extras, comma-separated: none by default. --build-arg EXTRAS=fast adds uvloop, which
+# the proxy uses only when asked to (event_loop: uvloop, or ROYALTI_PROXY_LOOP=uvloop); without
+# it, uvloop would be dead weight in the image.
+ARG EXTRAS=""
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/royalti-proxy \
- && /opt/royalti-proxy/bin/pip install "$(ls /wheels/royalti_auth_proxy-*.whl)[fast]" \
+ && /opt/royalti-proxy/bin/pip install "$(ls /wheels/royalti_auth_proxy-*.whl)${EXTRAS:+[$EXTRAS]}" \
  && /opt/royalti-proxy/bin/pip uninstall --yes pip setuptools \
  && /opt/royalti-proxy/bin/python -m compileall -q /opt/royalti-proxy/lib
 # (compileall: the .pyc files are written now, since the root filesystem is read-only later.)
@@ -42,7 +46,7 @@ LABEL org.opencontainers.image.title="royalti-auth-proxy" \
       org.opencontainers.image.documentation="deploy/README.md"
 
 # Nothing is written at run time: no .pyc files (they were compiled at build time), no buffered
-# output, and the event loop and config come from the image.
+# output, and the configuration comes from the image.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/royalti-proxy/bin:$PATH

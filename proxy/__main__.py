@@ -16,9 +16,11 @@ import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
+# First, for its side effect: switches that must be set before aiohttp is imported (see it).
+import proxy.lean  # noqa: F401
 from proxy import __version__, logs
 from proxy.app import Proxy
-from proxy.config import Config, load
+from proxy.config import UVLOOP_MISSING, Config, EventLoop, load, uvloop_installed
 from proxy.errors import ConfigError
 
 log = logging.getLogger("proxy")
@@ -63,18 +65,20 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
         sys.stdout.write(schema_text())
         return 0
+    try:
+        override = loop_override(env)
+    except ConfigError as exc:
+        return report(exc)
     if command == "demo":
         from proxy.demo import running
 
         logs.setup(args.log_format or "text", (args.log_level or "INFO").upper())
-        return run(serve(running(args.listen, args.admin_listen)))
+        return run(serve(running(args.listen, args.admin_listen)), override or "asyncio")
 
     try:
         config = load(args.config, env)
     except ConfigError as exc:
-        for line in exc.problems:
-            print(f"royalti-proxy: {line}", file=sys.stderr)
-        return 2
+        return report(exc)
     if command == "check-config":
         names = ", ".join(f"{u.name} ({u.auth_type}, {u.path_prefix})" for u in config.upstreams)
         print(f"configuration OK ({config.source}): upstreams {names}")
@@ -90,20 +94,46 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     def reload_source() -> Config:
         return load(reload_path, env)
 
-    return run(serve(Proxy(config, reload_source=reload_source)))
+    return run(serve(Proxy(config, reload_source=reload_source)), override or config.event_loop)
 
 
-def run(main: Coroutine[Any, Any, int]) -> int:
-    """Run ``main`` on uvloop when the optional ``fast`` extra is installed, else on asyncio's
-    own loop. ``ROYALTI_PROXY_LOOP=asyncio`` forces the standard loop."""
+def report(exc: ConfigError) -> int:
+    for line in exc.problems:
+        print(f"royalti-proxy: {line}", file=sys.stderr)
+    return 2
+
+
+#: The values of ``ROYALTI_PROXY_LOOP``; ``auto`` is uvloop when it is installed.
+LOOP_OVERRIDES = ("asyncio", "uvloop", "auto")
+
+
+def loop_override(
+    env: Mapping[str, str], *, installed: Callable[[], bool] = uvloop_installed
+) -> EventLoop | None:
+    """The event loop ``ROYALTI_PROXY_LOOP`` asks for instead of the configuration's
+    ``event_loop`` (None: not set, the configuration decides)."""
+    value = env.get("ROYALTI_PROXY_LOOP", "")
+    if not value:
+        return None
+    if value not in LOOP_OVERRIDES:
+        choices = ", ".join(LOOP_OVERRIDES)
+        raise ConfigError([f"ROYALTI_PROXY_LOOP: must be one of {choices} (got {value!r})"])
+    if value == "asyncio":
+        return "asyncio"
+    if installed():
+        return "uvloop"
+    if value == "uvloop":
+        raise ConfigError([f"ROYALTI_PROXY_LOOP: {UVLOOP_MISSING}"])
+    return "asyncio"
+
+
+def run(main: Coroutine[Any, Any, int], loop: EventLoop = "asyncio") -> int:
+    """Run ``main`` on asyncio's own loop or on uvloop, which is imported only then."""
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if os.environ.get("ROYALTI_PROXY_LOOP", "auto") != "asyncio":
-        try:
-            import uvloop
+    if loop == "uvloop":
+        import uvloop
 
-            factory = uvloop.new_event_loop
-        except ImportError:
-            factory = None
+        factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
 

@@ -160,6 +160,8 @@ class Proxy:
                 "admin": self.addresses["admin"],
                 "upstreams": [u.name for u in cfg.upstreams],
                 "config": cfg.source,
+                # The loop that runs, whatever chose it (event_loop or ROYALTI_PROXY_LOOP).
+                "event_loop": loop_name(asyncio.get_running_loop()),
             },
         )
 
@@ -326,3 +328,8 @@ async def _listen(runner: web.BaseRunner, addr: Address) -> str:
     port = runner.addresses[-1][1]  # the bound port, when 0 was asked for
     host = f"[{addr.host}]" if ":" in addr.host else addr.host
     return f"http://{host}:{port}"
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop`` or ``asyncio``: which implementation ``loop`` is."""
+    return "uvloop" if type(loop).__module__.partition(".")[0] == "uvloop" else "asyncio"

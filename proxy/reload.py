@@ -2,9 +2,9 @@
 changes.
 
 :class:`Reloader` loads the configuration again, rejects one that does not load, keeps what
-cannot change without a restart (the listen addresses, the token store) and hands the rest to
-the proxy's :meth:`~Reloadable.apply`, one reload at a time. :meth:`Reloader.watch` polls the
-configuration file and every secret file it names.
+cannot change without a restart (the listen addresses, the token store, the event loop) and
+hands the rest to the proxy's :meth:`~Reloadable.apply`, one reload at a time.
+:meth:`Reloader.watch` polls the configuration file and every secret file it names.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def watched_files(config: Config) -> list[str]:
 
 
 def pinned(old: Config, new: Config) -> Config:
-    """``new`` with what needs a restart (listen addresses, ``token_store``) kept from ``old``,
-    each difference logged: what the configuration says is what runs."""
+    """``new`` with what needs a restart (listen addresses, ``token_store``, ``event_loop``)
+    kept from ``old``, each difference logged: what the configuration says is what runs."""
     for what, before, after in (
         ("listen", old.listen, new.listen),
         ("admin.listen", old.admin.listen, new.admin.listen),
@@ -77,9 +77,15 @@ def pinned(old: Config, new: Config) -> Config:
             "token_store changes need a restart; keeping the running store",
             extra={"event": "reload_ignored", "key": "token_store"},
         )
+    if old.event_loop != new.event_loop:
+        log.warning(
+            "event_loop changes need a restart; keeping the running loop",
+            extra={"event": "reload_ignored", "key": "event_loop"},
+        )
     return dataclasses.replace(
         new,
         token_store=old.token_store,
+        event_loop=old.event_loop,
         listen=old.listen,
         admin=dataclasses.replace(new.admin, listen=old.admin.listen),
     )

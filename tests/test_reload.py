@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -131,3 +132,14 @@ async def test_a_listen_address_change_is_ignored_with_a_warning(reloadable, cap
         assert await proxy.reload(build(changed, {}, source="test")) is True
     assert any(getattr(r, "event", None) == "reload_ignored" for r in caplog.records)
     assert str(proxy.config.listen) != "127.0.0.1:1"  # the running address is what is reported
+
+
+async def test_an_event_loop_change_is_ignored_with_a_warning(reloadable, caplog):
+    proxy, _, _, data = reloadable
+    # Replaced rather than loaded: `event_loop: uvloop` loads only where uvloop is installed.
+    changed = dataclasses.replace(build(data, {}, source="test"), event_loop="uvloop")
+    with caplog.at_level(logging.WARNING, logger="proxy"):
+        assert await proxy.reload(changed) is True
+    ignored = [r for r in caplog.records if getattr(r, "event", None) == "reload_ignored"]
+    assert [getattr(r, "key", None) for r in ignored] == ["event_loop"]
+    assert proxy.config.event_loop == "asyncio"  # the running loop is what is reported

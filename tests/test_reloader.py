@@ -5,6 +5,7 @@ target is a small recording class)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -55,6 +56,21 @@ async def test_listen_addresses_and_the_store_are_kept_and_each_change_is_logged
     assert kept.access_log is False  # everything else is the new configuration's
     keys = [getattr(r, "key", None) for r in caplog.records]
     assert keys == ["listen"]  # the store did not change: nothing said about it
+
+
+async def test_an_event_loop_change_is_kept_for_the_next_restart_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old = config()
+    # Replaced rather than loaded: `event_loop: uvloop` loads only where uvloop is installed.
+    new = dataclasses.replace(config(), event_loop="uvloop", access_log=True)
+    with caplog.at_level(logging.WARNING, logger="proxy"):
+        kept = pinned(old, new)
+    assert kept.event_loop == "asyncio"
+    assert kept.access_log is True
+    assert [(getattr(r, "event", None), getattr(r, "key", None)) for r in caplog.records] == [
+        ("reload_ignored", "event_loop")
+    ]
 
 
 async def test_a_configuration_that_does_not_load_is_rejected_and_nothing_applied(

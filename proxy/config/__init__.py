@@ -18,12 +18,15 @@ from .load import build, environment_keys, from_environment, load
 from .settings import (
     DEFAULT_ADMIN_LISTEN,
     DEFAULT_LISTEN,
+    UVLOOP_MISSING,
     AdminConfig,
     ClientLimits,
     Config,
+    EventLoop,
     InboundConfig,
     TokenSettings,
     TokenStoreConfig,
+    uvloop_installed,
 )
 from .upstream import DEFAULT_ROYALTI_URL, Inject, Timeouts, TLSSettings, UpstreamConfig
 from .values import (
@@ -42,6 +45,7 @@ __all__ = [
     "DEFAULT_ADMIN_LISTEN",
     "DEFAULT_LISTEN",
     "DEFAULT_ROYALTI_URL",
+    "UVLOOP_MISSING",
     "Address",
     "AdminConfig",
     "Auth",
@@ -49,6 +53,7 @@ __all__ = [
     "ClientLimits",
     "Config",
     "EncryptionKeys",
+    "EventLoop",
     "InboundConfig",
     "Inject",
     "NoAuth",
@@ -70,4 +75,5 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "read_secret_file",
+    "uvloop_installed",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -24,6 +25,17 @@ from .walk import Checks
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
+
+EventLoop = Literal["asyncio", "uvloop"]
+
+#: Why ``uvloop`` cannot be the event loop, and what to do about it.
+UVLOOP_MISSING = "uvloop is not installed: pip install 'royalti-auth-proxy[fast]' (or use asyncio)"
+
+
+def uvloop_installed() -> bool:
+    """Whether uvloop can be imported, found without importing it (2.4 MiB of an idle process,
+    which only ``event_loop: uvloop`` pays)."""
+    return importlib.util.find_spec("uvloop") is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +261,15 @@ class Config:
     )
     log_level: Annotated[str, key("debug, info, warning or error.")] = "INFO"
     access_log: Annotated[bool, key("One log line per proxied request.")] = False
+    event_loop: Annotated[
+        EventLoop,
+        key(
+            "asyncio: the standard library's loop. uvloop: about 4 % more throughput for about "
+            "2.4 MiB more memory; needs the fast extra (pip install "
+            "'royalti-auth-proxy[fast]'). A change needs a restart.",
+            env="ROYALTI_PROXY_EVENT_LOOP",
+        ),
+    ] = "asyncio"
     reload_poll: Annotated[
         float,
         DURATION,
@@ -292,4 +313,6 @@ class Config:
         level = self.log_level.upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             c.problem("log_level", "must be one of debug, info, warning, error")
+        if self.event_loop == "uvloop" and not uvloop_installed():
+            c.problem("event_loop", UVLOOP_MISSING)
         return dataclasses.replace(self, log_level=level)
