@@ -45,7 +45,7 @@ def table(rows: Sequence[Row]) -> str:
     """A fixed-width table for the terminal."""
     heads = ("goal", "target", "verdict", "measured")
     cols = [[r.goal for r in rows], [r.target for r in rows], [r.verdict for r in rows]]
-    widths = [max(len(h), *(len(c) for c in col)) for h, col in zip(heads, cols, strict=False)]
+    widths = [max([len(h), *(len(c) for c in col)]) for h, col in zip(heads, cols, strict=False)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, [*widths, 0], strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 8)
     for r in rows:

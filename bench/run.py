@@ -62,7 +62,7 @@ import goals_speed as speed
 import goals_tokens as tokens
 from harness import PY, ROOT, BenchError, loadavg, machine
 from report import Row, write_results
-from runners import FULL, QUICK, Bench
+from runners import FULL, QUICK, Bench, compile_bytecode
 
 #: The steps ``--only`` names, in the order a full run takes them.
 STEPS = (
@@ -211,6 +211,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="royalti-bench-"))
     work.chmod(0o755)
     suite = Suite(args, plan, work)
+    compile_bytecode(suite.proxy_src)
+    if args.compare_src:
+        compile_bytecode(Path(args.compare_src).resolve())
     started = time.perf_counter()
     interrupted = False
     info = machine()

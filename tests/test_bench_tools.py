@@ -154,3 +154,15 @@ def test_wakeups_sum_every_thread_of_a_process_and_grow_when_it_sleeps() -> None
     finally:
         release.set()
         worker.join()
+
+
+def test_the_table_prints_with_no_rows_and_aligns_the_rows_it_has() -> None:
+    """``bench/run.py --only profile`` measures no goal: its table has a head and no rows."""
+    import report
+
+    empty = report.table([]).splitlines()
+    assert empty[0].split() == ["goal", "target", "verdict", "measured"]
+    rows = [report.Row("a long goal name", "<= 1", "x", "PASS"), report.Row("b", "-", "y", "INFO")]
+    lines = report.table(rows).splitlines()
+    assert len(lines) == 4
+    assert lines[2].index("PASS") == lines[3].index("INFO")
