@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp.client import IDEMPOTENT_METHODS
 from aiohttp.client_exceptions import ConnectionTimeoutError
 from aiohttp.helpers import EMPTY_BODY_METHODS, TimerNoop
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -44,8 +45,7 @@ def can_send_directly(session: aiohttp.ClientSession, timeout: aiohttp.ClientTim
             and not session._raise_for_status
             and session._base_url is None
             and session._connector is not None
-            and isinstance(session._connector._timeout_ceil_threshold, (int, float))
-            and isinstance(session._retry_connection, bool)
+            and hasattr(session._connector, "_timeout_ceil_threshold")
             and session._request_class is not aiohttp.ClientRequest
             and timeout.total is None
             and all(
@@ -59,6 +59,7 @@ def can_send_directly(session: aiohttp.ClientSession, timeout: aiohttp.ClientTim
                     "_max_line_size",
                     "_max_field_size",
                     "_max_headers",
+                    "_retry_connection",
                 )
             )
         )
@@ -68,6 +69,8 @@ def can_send_directly(session: aiohttp.ClientSession, timeout: aiohttp.ClientTim
 
 #: aiohttp's timer for a request without an overall deadline (a no-op context manager).
 _NO_TIMER = TimerNoop()
+#: No trace configuration (can_send_directly): the connector only iterates over it.
+_NO_TRACES: list[Trace] = []
 
 
 async def send_directly(
@@ -93,82 +96,87 @@ async def send_directly(
     body: object = data  # after a failed first attempt, aiohttp's payload of it
     method = method.upper()
     retry = session._retry_connection and method in IDEMPOTENT_METHODS
-    while True:
-        req = session._request_class(
-            method,
-            url,
-            headers=headers,
-            data=body,
-            version=session._version,
-            loop=session._loop,
-            response_class=session._response_class,
-            timer=_NO_TIMER,
-            session=session,
-        )
-        try:
-            try:
-                conn = await connector.connect(req, traces=[], timeout=timeout)
-            except TimeoutError as exc:
-                raise ConnectionTimeoutError(f"Connection timeout to host {req.url}") from exc
-            assert conn.protocol is not None
-            conn.protocol.set_response_params(
+    req: aiohttp.ClientRequest | None = None
+    try:
+        while True:
+            req = session._request_class(
+                method,
+                url,
+                headers=headers,
+                data=body,
+                version=session._version,
+                loop=session._loop,
+                response_class=session._response_class,
                 timer=_NO_TIMER,
-                skip_payload=req.method in EMPTY_BODY_METHODS,
-                read_until_eof=True,
-                auto_decompress=session._auto_decompress,
-                read_timeout=timeout.sock_read,
-                read_bufsize=session._read_bufsize,
-                timeout_ceil_threshold=connector._timeout_ceil_threshold,
-                max_line_size=session._max_line_size,
-                max_field_size=session._max_field_size,
-                max_headers=session._max_headers,
+                session=session,
             )
             try:
-                resp = await req.send(conn)
-                try:
-                    await resp.start(conn)
-                except BaseException:
-                    resp.close()
+                return await _attempt(session, connector, req, timeout)
+            except _NEVER_RETRIED:
+                raise
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                if not retry:
                     raise
-            except BaseException:
-                conn.close()
+                retry = False
+                if body is not None:
+                    # As aiohttp: the payload rewinds itself once the cancelled writer settled.
+                    await req.close()
+                    if req._body is not None and req._body.consumed:
+                        raise
+                    body = req._body
+            except aiohttp.ClientError:
                 raise
-        except (
-            ConnectionTimeoutError,
-            aiohttp.ClientConnectorError,
-            aiohttp.ClientConnectorCertificateError,
-            aiohttp.ClientConnectorSSLError,
-        ):
-            await _close_body(req)
-            raise
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            if not retry:
-                await _close_body(req)
-                raise
-            retry = False
-            if body is not None:
-                # As aiohttp: the payload rewinds itself once the cancelled writer settled.
-                await req.close()
-                if req._body is not None and req._body.consumed:
-                    await _close_body(req)
+            except OSError as exc:
+                if exc.errno is None and isinstance(exc, TimeoutError):
                     raise
-                body = req._body
-            continue
-        except aiohttp.ClientError:
-            await _close_body(req)
-            raise
-        except OSError as exc:
-            await _close_body(req)
-            if exc.errno is None and isinstance(exc, TimeoutError):
-                raise
-            raise aiohttp.ClientOSError(*exc.args) from exc
+                raise aiohttp.ClientOSError(*exc.args) from exc
+    finally:
+        # The last attempt's payload (a retry sends the same one), as _request closes it.
+        if req is not None and req._body is not None:
+            await req._body.close()
+
+
+#: Errors aiohttp never retries, though some of them are ``ClientOSError``s.
+_NEVER_RETRIED = (
+    ConnectionTimeoutError,
+    aiohttp.ClientConnectorError,
+    aiohttp.ClientConnectorCertificateError,
+    aiohttp.ClientConnectorSSLError,
+)
+
+
+async def _attempt(
+    session: aiohttp.ClientSession,
+    connector: aiohttp.BaseConnector,
+    req: aiohttp.ClientRequest,
+    timeout: aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:
+    """One try: a connection, the response parameters, the request sent, the head read."""
+    try:
+        conn = await connector.connect(req, traces=_NO_TRACES, timeout=timeout)
+    except TimeoutError as exc:
+        raise ConnectionTimeoutError(f"Connection timeout to host {req.url}") from exc
+    assert conn.protocol is not None
+    conn.protocol.set_response_params(
+        timer=_NO_TIMER,
+        skip_payload=req.method in EMPTY_BODY_METHODS,
+        read_until_eof=True,
+        auto_decompress=session._auto_decompress,
+        read_timeout=timeout.sock_read,
+        read_bufsize=session._read_bufsize,
+        timeout_ceil_threshold=connector._timeout_ceil_threshold,
+        max_line_size=session._max_line_size,
+        max_field_size=session._max_field_size,
+        max_headers=session._max_headers,
+    )
+    try:
+        resp = await req.send(conn)
+        try:
+            await resp.start(conn)
         except BaseException:
-            await _close_body(req)
+            resp.close()
             raise
-        await _close_body(req)
-        return resp
-
-
-async def _close_body(req: aiohttp.ClientRequest) -> None:
-    if req._body is not None:
-        await req._body.close()
+    except BaseException:
+        conn.close()
+        raise
+    return resp

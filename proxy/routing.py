@@ -75,7 +75,7 @@ class Route:
     """Further request headers to remove (the inbound shared-secret header)."""
     direct: bool = False
     """Whether requests skip ``ClientSession.request`` for the leaner path that
-    :func:`proxy.sending.can_send_directly` allowed, decided when the route was built."""
+    :func:`proxy.direct.can_send_directly` allowed, decided when the route was built."""
     egress_proxy: str | None = None
     """The egress proxy's URL (no credentials) when the session goes through one: for errors."""
     drop: frozenset[str] = field(default=frozenset())
