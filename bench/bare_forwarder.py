@@ -1,7 +1,8 @@
 """The reference the proxy is measured against: the least an aiohttp forwarder can do. One
 ClientSession (100 connections, as the proxy's default); method, raw path, headers (less Host and
 hop-by-hop) and body forwarded; the response streamed back. No tokens, no metrics, no errors
-handled. Same event loop rule as the proxy: uvloop unless ``ROYALTI_PROXY_LOOP=asyncio``.
+handled. The event loop the bench names in ``ROYALTI_PROXY_LOOP``, the proxy's beside it:
+``asyncio``, or uvloop (when installed) for ``uvloop`` or ``auto``.
 
     python bench/bare_forwarder.py PORT UPSTREAM_URL
 """

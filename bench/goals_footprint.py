@@ -248,28 +248,22 @@ def image(b: Bench) -> None:
 
 def _layer(b: Bench) -> str:
     """What the Dockerfile's final stage copies onto the slim base image, built the way its
-    first stage builds it but outside a container: the wheel, a virtual environment with the
+    first stage builds it but outside a container: a virtual environment with the project's
     wheel and its dependencies (no extra: uvloop is opt-in), pip and setuptools removed, the
     bytecode compiled. The base image itself cannot be measured without a container builder."""
     with tempfile.TemporaryDirectory(prefix="royalti-layer-") as tmp:
         root = Path(tmp)
         venv = root / "venv"
-        steps = [
-            [PY, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(root / "w"), str(ROOT)],
-            [PY, "-m", "venv", str(venv)],
-        ]
+        pip = str(venv / "bin" / "pip")
         try:
-            for argv in steps:
-                subprocess.run(argv, check=True, capture_output=True, timeout=600)  # noqa: S603
-            wheel = next((root / "w").glob("royalti_auth_proxy-*.whl"))
-            pip = str(venv / "bin" / "pip")
             for argv in (
-                [pip, "install", "--quiet", str(wheel)],
+                [PY, "-m", "venv", str(venv)],
+                [pip, "install", "--quiet", str(ROOT)],  # builds the wheel, installs it
                 [pip, "uninstall", "--quiet", "--yes", "pip", "setuptools"],
                 [str(venv / "bin" / "python"), "-m", "compileall", "-q", str(venv / "lib")],
             ):
                 subprocess.run(argv, check=True, capture_output=True, timeout=600)  # noqa: S603
-        except (subprocess.SubprocessError, OSError, StopIteration) as exc:
+        except (subprocess.SubprocessError, OSError) as exc:
             return f"the layer could not be built outside a container either ({exc})"
         total = _du(venv)
         site = next((venv / "lib").glob("python*/site-packages"))

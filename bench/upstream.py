@@ -76,7 +76,7 @@ async def main(port: int, lifetime: float) -> None:
 
 
 def run_loop(coro: object) -> None:
-    """uvloop when installed, unless ROYALTI_PROXY_LOOP=asyncio: the proxy's own rule."""
+    """uvloop when installed, unless ROYALTI_PROXY_LOOP=asyncio (the bench names the loop)."""
     factory = None
     if os.environ.get("ROYALTI_PROXY_LOOP", "auto") != "asyncio":
         try:

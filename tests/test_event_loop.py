@@ -4,6 +4,7 @@ The real process on each loop, and what it imports, is in tests/test_imports.py.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 import proxy.__main__ as cli
+from proxy.app import loop_name
 from proxy.config import UVLOOP_MISSING, build, from_environment
 from proxy.errors import ConfigError
 from tests.conftest import royalti_config
@@ -151,8 +153,6 @@ def test_demo_runs_on_asyncio_unless_royalti_proxy_loop_says_otherwise(chosen: l
 def test_run_on_asyncio_never_imports_uvloop(no_uvloop: None) -> None:
     # With uvloop unimportable, the default loop still runs: run() does not try to import it.
     async def loop_module() -> int:
-        import asyncio
-
-        return 0 if type(asyncio.get_running_loop()).__module__.startswith("asyncio") else 1
+        return 0 if loop_name(asyncio.get_running_loop()) == "asyncio" else 1
 
     assert cli.run(loop_module()) == 0

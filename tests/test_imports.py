@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from proxy.config import uvloop_installed
 from tests.conftest import free_port
 
 ROOT = Path(__file__).parent.parent
@@ -25,8 +26,6 @@ ROOT = Path(__file__).parent.parent
 #: The environment of every fresh interpreter here: nothing of this one's (this test process has
 #: imported proxy.__main__, which sets FROZENLIST_NO_EXTENSIONS in its own environment).
 CLEAN_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-
-uvloop_installed = importlib.util.find_spec("uvloop") is not None
 
 # Modules a configuration without a shared store (or without a file) must never load.
 ONLY_WHEN_CONFIGURED = ("yaml", "redis", "proxy.store.redis_store", "proxy.store.seal")
@@ -229,7 +228,7 @@ async def test_a_run_with_the_default_event_loop_is_on_asyncio_without_uvloop_or
         assert "_frozenlist" not in maps
 
 
-@pytest.mark.skipif(not uvloop_installed, reason="uvloop (the fast extra) is not installed")
+@pytest.mark.skipif(not uvloop_installed(), reason="uvloop (the fast extra) is not installed")
 async def test_event_loop_uvloop_runs_the_proxy_on_uvloop(tmp_path: Path) -> None:
     async with running(tmp_path, "event_loop: uvloop\n") as (started, maps):
         assert started["event_loop"] == "uvloop"
